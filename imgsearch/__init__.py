@@ -1,0 +1,1 @@
+"""The ``imgsearch`` command line."""

@@ -1,0 +1,68 @@
+"""Publish one image.uploaded event per image file: ``imgsearch publish`` and ``imgsearch up``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgsearch.files import ImageFile, find_images
+from shared.events import upload_event
+from shared.kafka import EventPublisher
+
+
+@dataclass
+class PublishResult:
+    published: list[ImageFile] = field(default_factory=list)
+    offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset + 1
+
+
+def publish_files(
+    publisher: EventPublisher,
+    files: Sequence[ImageFile],
+    *,
+    inline: bool = False,
+    metadata: dict[str, Any] | None = None,
+    label_from_folder: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> PublishResult:
+    """Publish every file and wait until the broker has acknowledged all of them."""
+    result = PublishResult()
+    futures = []
+    for f in files:
+        meta = dict(metadata or {})
+        if label_from_folder:
+            meta["label"] = f.label
+        if inline:
+            envelope = upload_event(f.image_id, image_bytes=f.path.read_bytes(), metadata=meta)
+        else:
+            envelope = upload_event(f.image_id, uri=f.path.as_uri(), metadata=meta)
+        futures.append(publisher.publish(envelope))
+        result.published.append(f)
+        if progress:
+            progress(1)
+    publisher.flush()
+    for future in futures:
+        meta = future.get(timeout=60)
+        result.offsets[meta.partition] = max(result.offsets.get(meta.partition, 0), meta.offset + 1)
+    return result
+
+
+def check_unique_ids(files: Sequence[ImageFile]) -> None:
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.image_id in seen and seen[f.image_id] != f.path:
+            raise ValueError(
+                f"two files would get image_id {f.image_id!r}: {seen[f.image_id]} and {f.path}. "
+                "Publish folders with distinct names, or one at a time with --id-prefix."
+            )
+        seen[f.image_id] = f.path
+
+
+def collect(paths: Sequence[Path], id_prefix: str = "") -> list[ImageFile]:
+    files = [
+        ImageFile(f.path, f"{id_prefix}{f.image_id}", f.label) for f in find_images(paths)
+    ]
+    check_unique_ids(files)
+    return files

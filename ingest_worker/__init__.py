@@ -1,0 +1,1 @@
+"""The Kafka ingest worker: image-uploaded events in, vectors in Qdrant out."""

@@ -1,0 +1,77 @@
+"""The dead-letter topic: events that can never succeed, kept unchanged for inspection and replay.
+
+Error context travels in headers named as Kafka Connect names them, so existing
+tooling for Connect DLQs reads ours too.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from shared.errors import BrokerError, ImgSearchError
+
+log = logging.getLogger(__name__)
+
+H_TOPIC = "__connect.errors.topic"
+H_PARTITION = "__connect.errors.partition"
+H_OFFSET = "__connect.errors.offset"
+H_STAGE = "__connect.errors.stage"
+H_CLASS = "__connect.errors.exception.class.name"
+H_MESSAGE = "__connect.errors.exception.message"
+H_TIMESTAMP = "__connect.errors.timestamp"
+H_REASON = "imgsearch.errors.reason"
+
+
+def error_headers(record: Any, error: ImgSearchError) -> list[tuple[str, bytes]]:
+    return [
+        (H_TOPIC, record.topic.encode()),
+        (H_PARTITION, str(record.partition).encode()),
+        (H_OFFSET, str(record.offset).encode()),
+        (H_STAGE, error.stage.encode()),
+        (H_CLASS, f"{type(error).__module__}.{type(error).__qualname__}".encode()),
+        (H_MESSAGE, str(error)[:2000].encode("utf-8", "replace")),
+        (H_TIMESTAMP, datetime.now(timezone.utc).isoformat().encode()),
+        (H_REASON, error.reason.encode()),
+    ]
+
+
+def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
+    return {k: v.decode("utf-8", "replace") for k, v in headers or []}
+
+
+class DeadLetterQueue:
+    """Writes failed records to the DLQ topic; ``flush`` confirms them before a commit."""
+
+    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self._pending: list[Any] = []
+
+    def send(self, record: Any, error: ImgSearchError) -> None:
+        original_headers = list(record.headers or [])
+        self._pending.append(
+            self.producer.send(
+                self.topic,
+                key=record.key,
+                value=record.value,
+                headers=original_headers + error_headers(record, error),
+            )
+        )
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every sent record is acknowledged; raise BrokerError otherwise."""
+        pending, self._pending = self._pending, []
+        try:
+            self.producer.flush(timeout=timeout_s)
+            for future in pending:
+                future.get(timeout=timeout_s)
+        except KafkaError as exc:
+            raise BrokerError(f"dead-letter write to {self.topic!r} failed: {exc}") from exc
+
+    def close(self) -> None:
+        self.producer.close()

@@ -1,0 +1,63 @@
+"""Prometheus metrics of the ingest worker (served on WORKER_METRICS_PORT)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from shared.pipeline import BatchReport
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+EVENTS = Counter(
+    "imgsearch_ingest_events_total",
+    "Events consumed, by outcome (stored, deleted, unchanged, failed, invalid).",
+    ["outcome"],
+)
+FAILURES = Counter(
+    "imgsearch_ingest_failures_total",
+    "Events that could not be ingested, by reason and pipeline stage.",
+    ["reason", "stage"],
+)
+DEAD_LETTERS = Counter(
+    "imgsearch_ingest_dlq_events_total", "Events written to the dead-letter topic.", ["reason"]
+)
+EMBEDDED = Counter("imgsearch_ingest_images_embedded_total", "Images embedded and stored.")
+RETRIES = Counter(
+    "imgsearch_ingest_retries_total", "Batch retries after a transient failure.", ["stage"]
+)
+BATCH_SIZE = Histogram(
+    "imgsearch_ingest_batch_size", "Events per processed batch.", buckets=_BATCH_BUCKETS
+)
+STAGE_SECONDS = Histogram(
+    "imgsearch_ingest_stage_duration_seconds",
+    "Busy time per batch in each stage (fetch and decode summed over threads).",
+    ["stage"],
+    buckets=_STAGE_BUCKETS,
+)
+BATCH_SECONDS = Histogram(
+    "imgsearch_ingest_batch_duration_seconds",
+    "Wall time from a batch's start to its offsets' commit.",
+    buckets=_STAGE_BUCKETS,
+)
+INFLIGHT = Gauge("imgsearch_ingest_inflight_batches", "Batches being processed now.")
+READY = Gauge("imgsearch_ingest_ready", "1 while the worker is consuming; 0 while it waits out a failure.")
+LAG = Gauge(
+    "imgsearch_ingest_consumer_lag",
+    "Records behind the log end, per partition (end offset minus committed offset).",
+    ["topic", "partition"],
+)
+MODEL = Info("imgsearch_ingest_model", "The embedding model and device of this worker.")
+
+
+def observe_batch(report: BatchReport, invalid: int) -> None:
+    BATCH_SIZE.observe(len(report.results) + invalid)
+    if invalid:
+        EVENTS.labels("invalid").inc(invalid)
+    for outcome in ("stored", "deleted", "unchanged", "failed"):
+        n = report.count(outcome)  # type: ignore[arg-type]
+        if n:
+            EVENTS.labels(outcome).inc(n)
+    EMBEDDED.inc(report.count("stored"))
+    for stage, seconds in report.stage_seconds.items():
+        STAGE_SECONDS.labels(stage).observe(seconds)

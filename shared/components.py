@@ -1,0 +1,57 @@
+"""Build the long-lived parts (model, store, fetcher, pipeline) from Settings, once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from shared.config import Settings
+from shared.embedding import Embedder
+from shared.fetch import ImageFetcher
+from shared.pipeline import IngestPipeline
+from shared.store.base import CollectionSpec, VectorStore
+from shared.store.factory import open_store
+
+log = logging.getLogger(__name__)
+
+
+def collection_spec(settings: Settings, embedder: Embedder) -> CollectionSpec:
+    return CollectionSpec(
+        name=settings.qdrant_collection, dim=embedder.dim, model=embedder.info.as_metadata()
+    )
+
+
+@dataclass
+class Components:
+    settings: Settings
+    embedder: Embedder
+    store: VectorStore
+    fetcher: ImageFetcher
+
+    @classmethod
+    def load(cls, settings: Settings, *, embedder: Embedder | None = None) -> Components:
+        """Load the model, then open (or create) the collection it must agree with."""
+        if embedder is None:
+            log.info("loading model %s on %s", settings.model_name, settings.device)
+            embedder = Embedder.from_settings(settings)
+        log.info("model %s: %d-d vectors, device %s, weights %s", embedder.info.name,
+                 embedder.dim, embedder.device, embedder.info.weights)
+        store = open_store(settings, collection_spec(settings, embedder))
+        log.info("store: %s collection %r", settings.store_location, settings.qdrant_collection)
+        return cls(settings, embedder, store, ImageFetcher.from_settings(settings))
+
+    def pipeline(self, *, skip_unchanged: bool = True) -> IngestPipeline:
+        return IngestPipeline(
+            self.embedder,
+            self.store,
+            self.fetcher,
+            max_pixels=self.settings.image_max_pixels,
+            decode_workers=self.settings.decode_workers,
+            embed_batch_size=self.settings.batch_size,
+            fetch_retries=self.settings.fetch_retries,
+            skip_unchanged=skip_unchanged,
+        )
+
+    def close(self) -> None:
+        self.fetcher.close()
+        self.store.close()

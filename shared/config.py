@@ -1,0 +1,141 @@
+"""All configuration, from environment variables, validated once at start-up.
+
+Every field here is an environment variable of the same name in upper case
+(``kafka_topic`` is ``KAFKA_TOPIC``); the README's configuration table lists them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MiB = 1024 * 1024
+
+
+def _split_list(value: object) -> object:
+    """Accept ``a,b`` or ``a:b`` (os.pathsep) strings as well as real lists."""
+    if isinstance(value, str):
+        parts = [p.strip() for chunk in value.split(",") for p in chunk.split(os.pathsep)]
+        return [p for p in parts if p]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # --- Kafka -----------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_topic: str = "image-uploaded"
+    kafka_group_id: str = "ingest-worker"
+    kafka_dlq_topic: str = "image-uploaded.dlq"
+    kafka_client_id: str = "imgsearch"
+    # Production-safe defaults; tests against Tansu lower the poll interval (see DEVELOPERS.md).
+    kafka_max_poll_interval_ms: int = Field(300_000, ge=1000)
+    kafka_session_timeout_ms: int = Field(45_000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
+    kafka_assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = (
+        "cooperative-sticky"
+    )
+
+    # --- Vector store ----------------------------------------------------------------------
+    qdrant_url: str | None = None
+    qdrant_api_key: SecretStr | None = None
+    qdrant_path: Path | None = None
+    qdrant_collection: str = Field("images", pattern=r"^[A-Za-z0-9_\-]{1,128}$")
+    qdrant_timeout_s: float = Field(10.0, gt=0)
+
+    # --- Model -----------------------------------------------------------------------------
+    model_name: str = "resnet50"
+    model_weights: Path | None = None
+    # false builds the architecture with random weights: for speed measurements only.
+    model_pretrained: bool = True
+    device: str = "auto"
+    channels_last: bool = True
+
+    # --- Batching --------------------------------------------------------------------------
+    batch_size: int = Field(32, ge=1, le=4096)
+    batch_max_wait_ms: int = Field(200, ge=0, le=60_000)
+
+    # --- Fetching and decoding -------------------------------------------------------------
+    image_file_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    fetch_timeout_s: float = Field(10.0, gt=0)
+    fetch_max_bytes: int = Field(25 * MiB, ge=1024)
+    fetch_max_redirects: int = Field(5, ge=0, le=20)
+    fetch_retries: int = Field(3, ge=0, le=20)
+    # SSRF guard: http(s) fetches to private/loopback/link-local addresses are refused
+    # unless the address falls inside one of these networks (e.g. "127.0.0.1/32").
+    fetch_allowed_networks: Annotated[list[IPNetwork], NoDecode] = Field(default_factory=list)
+    image_max_pixels: int = Field(40_000_000, ge=1)
+    decode_workers: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
+
+    # --- Worker ----------------------------------------------------------------------------
+    store_retry_max_s: float = Field(30.0, gt=0)
+    worker_concurrency: int = Field(1, ge=1, le=64)
+    worker_metrics_host: str = "0.0.0.0"
+    worker_metrics_port: int = Field(9100, ge=0, le=65535)  # 0 disables the metrics server
+    log_level: str = "INFO"
+
+    @field_validator("image_file_roots", "fetch_allowed_networks", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("image_file_roots")
+    @classmethod
+    def _roots_must_exist(cls, roots: list[Path]) -> list[Path]:
+        resolved = []
+        for root in roots:
+            if not root.is_absolute():
+                root = Path.cwd() / root
+            if not root.is_dir():
+                raise ValueError(f"IMAGE_FILE_ROOTS entry {str(root)!r} is not a directory")
+            resolved.append(root.resolve())
+        return resolved
+
+    @field_validator("qdrant_url", "qdrant_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _one_store(self) -> Settings:
+        if self.qdrant_url and self.qdrant_path:
+            raise ValueError(
+                "set either QDRANT_URL (a Qdrant server) or QDRANT_PATH (the embedded store), "
+                "not both"
+            )
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"DEVICE must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        return self
+
+    @property
+    def store_location(self) -> str:
+        return self.qdrant_url or str(self.embedded_store_path)
+
+    @property
+    def embedded_store_path(self) -> Path:
+        """Where the embedded store lives when no server URL is configured."""
+        return (self.qdrant_path or Path("data")).absolute()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; turn validation failures into one readable ConfigError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
+            lines.append(f"  {name}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc

@@ -1,0 +1,220 @@
+"""The one ingest pipeline: fetch, decode, embed, upsert.
+
+The Kafka worker and the batch tools (``imgsearch index``, ``imgsearch eval``) hand it
+batches of events; it returns what happened to each one. Per-event failures (a bad URI,
+an undecodable image) are reported, never raised, so one poison pill does not fail the
+other events of its batch. A store failure is raised for the whole batch, because
+nothing of it may be committed as done.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import torch
+
+from shared.embedding import Embedder
+from shared.errors import ImgSearchError
+from shared.events import Event, ImageDeleted, ImageUploaded
+from shared.fetch import ImageFetcher
+from shared.images import decode_image, sha256_hex
+from shared.store.base import PointRecord, StoredImage, VectorStore
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["stored", "deleted", "unchanged", "failed"]
+STAGES = ("fetch", "decode", "embed", "upsert")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    key: Hashable  # the caller's handle: (topic, partition, offset), a path, ...
+    event: Event
+
+
+@dataclass
+class ItemResult:
+    item: WorkItem
+    outcome: Outcome
+    error: ImgSearchError | None = None
+
+
+@dataclass
+class BatchReport:
+    results: list[ItemResult]
+    # Busy seconds per stage; fetch and decode are summed over the worker threads.
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    wall_seconds: float = 0.0
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome == outcome)
+
+    @property
+    def failures(self) -> list[ItemResult]:
+        return [r for r in self.results if r.outcome == "failed"]
+
+    def summary(self) -> str:
+        stages = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in self.stage_seconds.items())
+        return (
+            f"n={len(self.results)} stored={self.count('stored')} deleted={self.count('deleted')} "
+            f"unchanged={self.count('unchanged')} failed={self.count('failed')} "
+            f"wall={self.wall_seconds * 1000:.0f}ms {stages}"
+        )
+
+
+@dataclass
+class _Prepared:
+    sha256: str
+    tensor: torch.Tensor | None  # None when the stored point is already identical
+    fetch_s: float
+    decode_s: float
+
+
+class IngestPipeline:
+    def __init__(
+        self,
+        embedder: Embedder,
+        store: VectorStore,
+        fetcher: ImageFetcher,
+        *,
+        max_pixels: int,
+        decode_workers: int = 2,
+        embed_batch_size: int = 32,
+        fetch_retries: int = 3,
+        skip_unchanged: bool = True,
+    ) -> None:
+        self.embedder = embedder
+        self.store = store
+        self.fetcher = fetcher
+        self.max_pixels = max_pixels
+        self.embed_batch_size = embed_batch_size
+        self.fetch_retries = fetch_retries
+        self.skip_unchanged = skip_unchanged
+        self._pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _fetch(self, event: ImageUploaded) -> bytes:
+        if event.image_bytes is not None:
+            return event.image_bytes
+        assert event.uri is not None
+        attempt = 0
+        while True:
+            try:
+                return self.fetcher.fetch(event.uri)
+            except ImgSearchError as exc:
+                if not exc.retriable or attempt >= self.fetch_retries:
+                    raise
+                delay = min(8.0, 0.25 * 2**attempt) * (0.5 + random.random())
+                log.info("retrying fetch of %s in %.2fs: %s", event.uri, delay, exc)
+                time.sleep(delay)
+                attempt += 1
+
+    def _prepare(self, event: ImageUploaded, existing: StoredImage | None) -> _Prepared:
+        t0 = time.perf_counter()
+        data = self._fetch(event)
+        t1 = time.perf_counter()
+        digest = sha256_hex(data)
+        if existing is not None and self._unchanged(event, digest, existing.payload):
+            return _Prepared(digest, None, t1 - t0, 0.0)
+        image = decode_image(data, max_pixels=self.max_pixels)
+        tensor = self.embedder.preprocess(image)
+        return _Prepared(digest, tensor, t1 - t0, time.perf_counter() - t1)
+
+    def _unchanged(self, event: ImageUploaded, digest: str, payload: dict[str, Any]) -> bool:
+        return (
+            payload.get("sha256") == digest
+            and payload.get("uri") == event.uri
+            and payload.get("metadata") == event.metadata
+            and payload.get("model") == self.embedder.info.name
+        )
+
+    def _payload(self, event: ImageUploaded, digest: str) -> dict[str, Any]:
+        return {
+            "image_id": event.image_id,
+            "uri": event.uri,  # never the inline bytes
+            "metadata": event.metadata,
+            "model": self.embedder.info.name,
+            "sha256": digest,
+            "event_id": event.event_id,
+            "ingested_at": datetime.now(timezone.utc).isoformat(),
+        }
+
+    # -- a batch -----------------------------------------------------------------------------
+
+    def process(self, items: Sequence[WorkItem]) -> BatchReport:
+        start = time.perf_counter()
+        report = BatchReport(results=[])
+        uploads = [it for it in items if isinstance(it.event, ImageUploaded)]
+
+        existing: dict[str, StoredImage] = {}
+        if self.skip_unchanged and uploads:
+            existing = self.store.get(sorted({it.event.image_id for it in uploads}))
+
+        futures = {
+            id(it): self._pool.submit(
+                self._prepare, it.event, existing.get(it.event.image_id)  # type: ignore[arg-type]
+            )
+            for it in uploads
+        }
+        prepared: dict[int, _Prepared] = {}
+        results: dict[int, ItemResult] = {}
+        for it in uploads:
+            try:
+                prep = futures[id(it)].result()
+            except ImgSearchError as exc:
+                results[id(it)] = ItemResult(it, "failed", exc)
+                continue
+            prepared[id(it)] = prep
+            report.stage_seconds["fetch"] += prep.fetch_s
+            report.stage_seconds["decode"] += prep.decode_s
+
+        # Events for one image_id apply in order: the last successful one decides.
+        final: dict[str, WorkItem] = {}
+        for it in items:
+            if isinstance(it.event, ImageDeleted) or id(it) in prepared:
+                final[it.event.image_id] = it
+
+        to_embed = [
+            it for it in final.values() if id(it) in prepared and prepared[id(it)].tensor is not None
+        ]
+        t0 = time.perf_counter()
+        records: list[PointRecord] = []
+        for i in range(0, len(to_embed), self.embed_batch_size):
+            chunk = to_embed[i : i + self.embed_batch_size]
+            vectors = self.embedder.embed([prepared[id(it)].tensor for it in chunk])  # type: ignore[misc]
+            for it, vector in zip(chunk, vectors, strict=True):
+                event = it.event
+                assert isinstance(event, ImageUploaded)
+                records.append(
+                    PointRecord(event.image_id, vector, self._payload(event, prepared[id(it)].sha256))
+                )
+        report.stage_seconds["embed"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        deletes = [it.event.image_id for it in final.values() if isinstance(it.event, ImageDeleted)]
+        self.store.upsert(records)  # StoreError propagates: the batch is not done
+        self.store.delete(deletes)
+        report.stage_seconds["upsert"] = time.perf_counter() - t0
+
+        for it in items:
+            if id(it) in results:
+                report.results.append(results[id(it)])
+            elif isinstance(it.event, ImageDeleted):
+                report.results.append(ItemResult(it, "deleted"))
+            elif prepared[id(it)].tensor is None:
+                report.results.append(ItemResult(it, "unchanged"))
+            else:
+                report.results.append(ItemResult(it, "stored"))
+        report.wall_seconds = time.perf_counter() - start
+        return report

@@ -1,0 +1,182 @@
+"""The embedded store: Qdrant's own engine (HNSW, WAL) in-process, through qdrant-edge-py.
+
+Layout of ``QDRANT_PATH``::
+
+    <QDRANT_PATH>/<collection>/collection.json   what the collection was built for
+    <QDRANT_PATH>/<collection>/shard/            Qdrant Edge's WAL and segments
+
+One process holds a shard at a time (Qdrant locks the WAL). Run the API and workers
+together with ``imgsearch up``, or use a Qdrant server (QDRANT_URL) to scale out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import qdrant_edge as qe
+
+from shared.errors import StoreError
+from shared.store.base import (
+    CollectionSpec,
+    Filters,
+    Hit,
+    PointRecord,
+    StoredImage,
+    VectorStore,
+    payload_key,
+    point_id,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_DISTANCES = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot}
+
+
+def _filter(filters: Filters | None, exclude_ids: Sequence[str]) -> qe.Filter | None:
+    must: list[Any] = [
+        qe.FieldCondition(payload_key(k), match=qe.MatchValue(v)) for k, v in (filters or {}).items()
+    ]
+    must_not: list[Any] = []
+    if exclude_ids:
+        must_not.append(qe.HasIdCondition({point_id(i) for i in exclude_ids}))
+    if not must and not must_not:
+        return None
+    return qe.Filter(must=must or None, must_not=must_not or None)
+
+
+class EdgeStore(VectorStore):
+    def __init__(self, root: Path, spec: CollectionSpec) -> None:
+        self.spec = spec
+        self.directory = Path(root) / spec.name
+        self._spec_file = self.directory / "collection.json"
+        self._shard_dir = self.directory / "shard"
+        # Writes are serialised so that flush() covers exactly the batch that asked for it.
+        self._write_lock = threading.Lock()
+        self._dirty = False
+        self.shard = self._call(self._open, "open")
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return fn()
+        except StoreError:
+            raise
+        except Exception as exc:  # the binding raises plain Exception with the engine's text
+            text = str(exc)
+            if "WouldBlock" in text:
+                raise StoreError(
+                    f"the embedded store {self.directory} is open in another process. It serves "
+                    "one process: run the API and workers together (imgsearch up), or use a "
+                    "Qdrant server with QDRANT_URL.",
+                    retriable=False,
+                ) from exc
+            raise StoreError(f"embedded store {what} failed: {text}") from exc
+
+    def _open(self) -> qe.EdgeShard:
+        if self._spec_file.exists():
+            stored = json.loads(self._spec_file.read_text())
+            self.spec.check_compatible(stored.get("metadata"), int(stored.get("dim", -1)))
+            return qe.EdgeShard.load(str(self._shard_dir))
+        log.info("creating embedded collection %s (%d-d)", self.directory, self.spec.dim)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config = qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=self.spec.dim, distance=_DISTANCES[self.spec.distance])
+        )
+        shard = qe.EdgeShard.create(str(self._shard_dir), config)
+        # Written last and atomically: a directory without it is an interrupted creation.
+        tmp = self._spec_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"dim": self.spec.dim, "metadata": self.spec.metadata()}, indent=2))
+        tmp.replace(self._spec_file)
+        return shard
+
+    def upsert(self, records: Sequence[PointRecord]) -> None:
+        if not records:
+            return
+        points = [
+            qe.Point(point_id(r.image_id), r.vector.astype(np.float32).tolist(), r.payload)
+            for r in records
+        ]
+        with self._write_lock:
+            self._call(lambda: self.shard.update(qe.UpdateOperation.upsert_points(points)), "upsert")
+            # The WAL has the write; flush makes it durable before the caller commits offsets.
+            self._call(self.shard.flush, "flush")
+            self._dirty = True
+
+    def delete(self, image_ids: Sequence[str]) -> None:
+        if not image_ids:
+            return
+        ids: list[Any] = [point_id(i) for i in image_ids]
+        with self._write_lock:
+            self._call(lambda: self.shard.update(qe.UpdateOperation.delete_points(ids)), "delete")
+            self._call(self.shard.flush, "flush")
+            self._dirty = True
+
+    def search(
+        self,
+        vector: np.ndarray,
+        *,
+        limit: int = 10,
+        offset: int = 0,
+        score_threshold: float | None = None,
+        filters: Filters | None = None,
+        exclude_image_ids: Sequence[str] = (),
+        with_payload: bool = True,
+    ) -> list[Hit]:
+        request = qe.QueryRequest(
+            limit=limit,
+            offset=offset or None,
+            query=qe.Query.Nearest(vector.astype(np.float32).tolist()),
+            with_payload=True,
+            filter=_filter(filters, exclude_image_ids),
+            score_threshold=score_threshold,
+        )
+        points = self._call(lambda: self.shard.query(request), "search")
+        return [
+            Hit(image_id=str(p.payload["image_id"]), score=float(p.score), payload=dict(p.payload))
+            for p in points
+            if p.payload
+        ]
+
+    def get(self, image_ids: Sequence[str], *, with_vector: bool = False) -> dict[str, StoredImage]:
+        if not image_ids:
+            return {}
+        ids: list[Any] = [point_id(i) for i in image_ids]
+        records = self._call(
+            lambda: self.shard.retrieve(ids, with_payload=True, with_vector=with_vector), "retrieve"
+        )
+        found = {}
+        for rec in records:
+            payload = dict(rec.payload or {})
+            vector = (
+                np.asarray(rec.vector, dtype=np.float32)
+                if with_vector and isinstance(rec.vector, list)
+                else None
+            )
+            found[str(payload["image_id"])] = StoredImage(payload["image_id"], payload, vector)
+        return found
+
+    def count(self, filters: Filters | None = None) -> int:
+        request = qe.CountRequest(exact=True, filter=_filter(filters, ()))
+        return int(self._call(lambda: self.shard.count(request), "count"))
+
+    def ping(self) -> None:
+        self._call(self.shard.info, "ping")
+
+    def optimize(self) -> None:
+        """Build HNSW indexes and merge segments; Edge has no background optimizer."""
+        with self._write_lock:
+            if not self._dirty:
+                return
+            self._call(self.shard.optimize, "optimize")
+            self._dirty = False
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._call(self.shard.flush, "flush")
+            self._call(self.shard.close, "close")

@@ -1,0 +1,167 @@
+"""A Qdrant server through qdrant-client (production), or qdrant-client's local mode (tests)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from shared.errors import StoreError
+from shared.store.base import (
+    CollectionSpec,
+    Filters,
+    Hit,
+    PointRecord,
+    StoredImage,
+    VectorStore,
+    payload_key,
+    point_id,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_DISTANCES = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT}
+
+
+def _filter(filters: Filters | None, exclude_ids: Sequence[str]) -> models.Filter | None:
+    must: list[Any] = [
+        models.FieldCondition(key=payload_key(k), match=models.MatchValue(value=v))
+        for k, v in (filters or {}).items()
+    ]
+    must_not: list[Any] = []
+    if exclude_ids:
+        must_not.append(models.HasIdCondition(has_id=[point_id(i) for i in exclude_ids]))
+    if not must and not must_not:
+        return None
+    return models.Filter(must=must or None, must_not=must_not or None)
+
+
+class QdrantStore(VectorStore):
+    def __init__(self, client: QdrantClient, spec: CollectionSpec, *, create: bool = True) -> None:
+        self.client = client
+        self.spec = spec
+        self._call(lambda: self._ensure_collection(create), "open collection")
+
+    @classmethod
+    def connect(
+        cls, url: str, spec: CollectionSpec, *, api_key: str | None = None, timeout_s: float = 10.0
+    ) -> QdrantStore:
+        client = QdrantClient(url=url, api_key=api_key, timeout=int(max(1, timeout_s)))
+        return cls(client, spec)
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return fn()
+        except StoreError:
+            raise
+        except Exception as exc:  # qdrant-client raises httpx, grpc and its own errors
+            raise StoreError(f"Qdrant {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _ensure_collection(self, create: bool) -> None:
+        name = self.spec.name
+        if not self.client.collection_exists(name):
+            if not create:
+                raise StoreError(f"collection {name!r} does not exist", retriable=False)
+            log.info("creating collection %r (%d-d, %s)", name, self.spec.dim, self.spec.distance)
+            self.client.create_collection(
+                name,
+                vectors_config=models.VectorParams(
+                    size=self.spec.dim, distance=_DISTANCES[self.spec.distance]
+                ),
+                metadata=self.spec.metadata(),
+            )
+            return
+        info = self.client.get_collection(name)
+        vectors = info.config.params.vectors
+        stored_dim = vectors.size if isinstance(vectors, models.VectorParams) else -1
+        self.spec.check_compatible(info.config.metadata, stored_dim)
+
+    def upsert(self, records: Sequence[PointRecord]) -> None:
+        if not records:
+            return
+        points = [
+            models.PointStruct(
+                id=point_id(r.image_id), vector=r.vector.astype(np.float32).tolist(), payload=r.payload
+            )
+            for r in records
+        ]
+        # wait=True: Qdrant answers once the write is applied and in its WAL.
+        self._call(
+            lambda: self.client.upsert(self.spec.name, points=points, wait=True), "upsert"
+        )
+
+    def delete(self, image_ids: Sequence[str]) -> None:
+        if not image_ids:
+            return
+        selector = models.PointIdsList(points=[point_id(i) for i in image_ids])
+        self._call(
+            lambda: self.client.delete(self.spec.name, points_selector=selector, wait=True),
+            "delete",
+        )
+
+    def search(
+        self,
+        vector: np.ndarray,
+        *,
+        limit: int = 10,
+        offset: int = 0,
+        score_threshold: float | None = None,
+        filters: Filters | None = None,
+        exclude_image_ids: Sequence[str] = (),
+        with_payload: bool = True,
+    ) -> list[Hit]:
+        response = self._call(
+            lambda: self.client.query_points(
+                self.spec.name,
+                query=vector.astype(np.float32).tolist(),
+                limit=limit,
+                offset=offset,
+                score_threshold=score_threshold,
+                query_filter=_filter(filters, exclude_image_ids),
+                with_payload=True if with_payload else ["image_id"],
+            ),
+            "search",
+        )
+        return [
+            Hit(image_id=str(p.payload["image_id"]), score=float(p.score), payload=dict(p.payload))
+            for p in response.points
+            if p.payload
+        ]
+
+    def get(self, image_ids: Sequence[str], *, with_vector: bool = False) -> dict[str, StoredImage]:
+        if not image_ids:
+            return {}
+        records = self._call(
+            lambda: self.client.retrieve(
+                self.spec.name,
+                ids=[point_id(i) for i in image_ids],
+                with_payload=True,
+                with_vectors=with_vector,
+            ),
+            "retrieve",
+        )
+        found = {}
+        for rec in records:
+            payload = dict(rec.payload or {})
+            vector = np.asarray(rec.vector, dtype=np.float32) if with_vector and rec.vector else None
+            found[str(payload["image_id"])] = StoredImage(payload["image_id"], payload, vector)
+        return found
+
+    def count(self, filters: Filters | None = None) -> int:
+        result = self._call(
+            lambda: self.client.count(
+                self.spec.name, count_filter=_filter(filters, ()), exact=True
+            ),
+            "count",
+        )
+        return int(result.count)
+
+    def ping(self) -> None:
+        self._call(lambda: self.client.get_collection(self.spec.name), "ping")
+
+    def close(self) -> None:
+        self.client.close()
