@@ -42,12 +42,28 @@ BATCH_SECONDS = Histogram(
 )
 INFLIGHT = Gauge("imgsearch_ingest_inflight_batches", "Batches being processed now.")
 READY = Gauge("imgsearch_ingest_ready", "1 while the worker is consuming; 0 while it waits out a failure.")
+# Set by ingest_worker.lag.LagReporter for the partitions this process owns; a partition
+# moves to another instance on a rebalance, so dashboards take max by (topic, partition).
 LAG = Gauge(
-    "imgsearch_ingest_consumer_lag",
+    "imgsearch_ingest_consumer_lag_records",
     "Records behind the log end, per partition (end offset minus committed offset).",
     ["topic", "partition"],
 )
+LAG_ERRORS = Counter(
+    "imgsearch_ingest_lag_measurement_errors_total",
+    "Lag measurements that failed (the lag gauge keeps its last value meanwhile).",
+)
 MODEL = Info("imgsearch_ingest_model", "The embedding model and device of this worker.")
+
+OUTCOMES = ("stored", "deleted", "unchanged", "failed", "invalid")
+RETRY_STAGES = ("store", "dlq")
+
+# Known label values start at 0, so the first increment shows in rate() and increase()
+# (a series born at 1 has no earlier sample to differ from) and panels are never empty.
+for _outcome in OUTCOMES:
+    EVENTS.labels(_outcome)
+for _stage in RETRY_STAGES:
+    RETRIES.labels(_stage)
 
 
 def observe_batch(report: BatchReport, invalid: int) -> None:

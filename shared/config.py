@@ -21,11 +21,13 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MiB = 1024 * 1024
 
 
-def _split_list(value: object) -> object:
-    """Accept ``a,b`` or ``a:b`` (os.pathsep) strings as well as real lists."""
+def _split_list(value: object, *, pathsep: bool = False) -> object:
+    """Accept ``a,b`` strings (and ``a:b`` for paths) as well as real lists."""
     if isinstance(value, str):
-        parts = [p.strip() for chunk in value.split(",") for p in chunk.split(os.pathsep)]
-        return [p for p in parts if p]
+        chunks = value.split(",")
+        if pathsep:
+            chunks = [p for chunk in chunks for p in chunk.split(os.pathsep)]
+        return [p.strip() for p in chunks if p.strip()]
     return value
 
 
@@ -84,9 +86,89 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(9100, ge=0, le=65535)  # 0 disables the metrics server
     log_level: str = "INFO"
 
-    @field_validator("image_file_roots", "fetch_allowed_networks", mode="before")
+    # --- Query API -------------------------------------------------------------------------
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(8000, ge=1, le=65535)
+    # Comma-separated. When set, every endpoint except /healthz and /readyz needs one of them
+    # (X-API-Key or Authorization: Bearer). Empty: no authentication.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Request bodies (raw or multipart) are cut off with 413 once they pass this many bytes.
+    api_max_upload_bytes: int = Field(10 * MiB, ge=1024)
+    api_max_limit: int = Field(100, ge=1, le=10_000)
+    api_max_offset: int = Field(10_000, ge=0, le=1_000_000)
+    # Dynamic micro-batching of query embeddings: concurrent queries share a forward pass.
+    api_batching: bool = True
+    api_batch_max_size: int = Field(8, ge=1, le=512)
+    api_batch_max_wait_ms: float = Field(4.0, ge=0, le=1000)
+    # Threads that decode and preprocess query images (the forward pass has its own thread).
+    api_decode_workers: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, le=256)
+    # How long POST /images waits for the broker's ack before answering 503.
+    api_publish_timeout_s: float = Field(10.0, gt=0, le=300)
+    # Run the model once per batch size at start-up, so the first queries are not slow.
+    api_warmup: bool = True
+    api_thumbnail_cache_size: int = Field(512, ge=0, le=100_000)
+
+    @field_validator("api_keys", mode="before")
     @classmethod
-    def _split(cls, value: object) -> object:
+    def _split_api_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            if len(key.get_secret_value()) < 16:
+                raise ValueError(
+                    "API_KEYS entries must be at least 16 characters (e.g. `openssl rand -hex 24`)"
+                )
+        return keys
+    # --- end Query API ---------------------------------------------------------------------
+
+    # --- Object detection ------------------------------------------------------------------
+    # Optional YOLOv5 cropping before embedding (pip install 'imgsearch[detect]'; AGPL-3.0,
+    # see docs/detection.md). "none" keeps the product free of the detector entirely.
+    detector: Literal["none", "yolov5"] = "none"
+    # A local checkpoint (.pt) or TorchScript export (.torchscript), or a Hugging Face hub
+    # repo id ("owner/name") where the hub is reachable.
+    detector_weights: str | None = None
+    # Full pickle loading runs code from the file: only for a checkpoint you trust that the
+    # allow-listed loader refuses (custom modules, unstripped training checkpoints).
+    detector_trust_pickle: bool = False
+    detector_conf: float = Field(0.25, ge=0.0, le=1.0)
+    detector_iou: float = Field(0.45, ge=0.0, le=1.0)
+    # Allow-list of class names (COCO for the stock weights); empty keeps every class.
+    detector_classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    detector_img_size: int = Field(640, ge=32, le=4096, multiple_of=32)
+    detector_max_det: int = Field(100, ge=1, le=1000)
+    # largest: the largest box, or the whole image when nothing is detected.
+    # all: every box as its own point, plus the whole image.
+    crop_mode: Literal["largest", "all"] = "largest"
+
+    @field_validator("detector_classes", mode="before")
+    @classmethod
+    def _split_detector_classes(cls, value: object) -> object:
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _detector_needs_weights(self) -> Settings:
+        if self.detector != "none" and not self.detector_weights:
+            raise ValueError(
+                f"DETECTOR={self.detector} needs DETECTOR_WEIGHTS: a local .pt or .torchscript "
+                "file (e.g. yolov5n.pt), or a Hugging Face repo id where the hub is reachable"
+            )
+        return self
+    # --- end of object detection -------------------------------------------------------------
+
+    @field_validator("image_file_roots", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        return _split_list(value, pathsep=True)
+
+    @field_validator("fetch_allowed_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
         return _split_list(value)
 
     @field_validator("image_file_roots")

@@ -112,6 +112,12 @@ class ImageFetcher:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> ImageFetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def fetch(self, uri: str) -> bytes:
         scheme = urllib.parse.urlsplit(uri).scheme.lower()
         if scheme == "file":

@@ -120,32 +120,40 @@ def embedder(mobilenet_weights: Path) -> Any:
     return Embedder(MOBILENET, weights=mobilenet_weights, device="cpu")
 
 
+def build_settings(store_dir: Path, broker: TansuBroker, weights: Path, roots: list[Path],
+                   **overrides: Any) -> Any:
+    """Settings with a fresh topic, DLQ and group on ``broker``, an embedded store in
+    ``store_dir``, the real model, and ``roots`` as the file roots."""
+    from shared.config import load_settings
+
+    suffix = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": broker.bootstrap,
+        "kafka_topic": f"images-{suffix}",
+        "kafka_dlq_topic": f"images-{suffix}.dlq",
+        "kafka_group_id": f"group-{suffix}",
+        "qdrant_path": store_dir,
+        "model_name": MOBILENET,
+        "model_weights": weights,
+        "device": "cpu",
+        "image_file_roots": roots,
+        "worker_metrics_port": 0,
+        "batch_size": 32,
+        "batch_max_wait_ms": 100,
+        **FAST_GROUP,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, broker: TansuBroker, mobilenet_weights: Path,
                   data_dir: Path) -> Callable[..., Any]:
-    """Settings for one test: a fresh topic, DLQ and group on the session broker, an
-    embedded store under tmp_path, the real model, and ../shared/data as the file root."""
-    from shared.config import load_settings
+    """Settings for one test (see build_settings); the store lives in tmp_path."""
 
     def build(**overrides: Any) -> Any:
-        suffix = uuid.uuid4().hex[:8]
-        values: dict[str, Any] = {
-            "kafka_bootstrap_servers": broker.bootstrap,
-            "kafka_topic": f"images-{suffix}",
-            "kafka_dlq_topic": f"images-{suffix}.dlq",
-            "kafka_group_id": f"group-{suffix}",
-            "qdrant_path": tmp_path / "store",
-            "model_name": MOBILENET,
-            "model_weights": mobilenet_weights,
-            "device": "cpu",
-            "image_file_roots": [data_dir, tmp_path],
-            "worker_metrics_port": 0,
-            "batch_size": 32,
-            "batch_max_wait_ms": 100,
-            **FAST_GROUP,
-        }
-        values.update(overrides)
-        return load_settings(**values)
+        return build_settings(tmp_path / "store", broker, mobilenet_weights,
+                              [data_dir, tmp_path], **overrides)
 
     return build
 

@@ -1,0 +1,105 @@
+"""The API's wire models: what goes over HTTP, as the OpenAPI document describes it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MetadataValue = str | bool | int | float
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable snake_case reason, for programs to branch on.")
+    message: str = Field(description="What went wrong and what to do about it, for people.")
+    details: list[dict[str, Any]] | None = Field(
+        None, description="Per-field problems (422 only): location, message, type."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its status, has this shape."""
+
+    error: ErrorDetail
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"error": {"code": "undecodable", "message": "not a recognised image format"}}]
+        }
+    )
+
+
+class SearchHit(BaseModel):
+    image_id: str
+    score: float = Field(description="Cosine similarity, -1..1; higher is more alike.")
+    uri: str | None = Field(description="Where the image was ingested from; null for uploads.")
+    metadata: dict[str, MetadataValue] | None = Field(
+        description="The image's metadata; null when with_metadata=false."
+    )
+
+
+class QueryTiming(BaseModel):
+    """Where the time of this query went, in milliseconds."""
+
+    total_ms: float
+    read_ms: float | None = Field(None, description="Receiving the request body.")
+    decode_ms: float | None = Field(None, description="Decoding and preprocessing the image.")
+    queue_ms: float | None = Field(None, description="Waiting to join a forward pass.")
+    embed_ms: float | None = Field(None, description="The forward pass this query shared.")
+    batch_size: int | None = Field(None, description="Queries embedded in that forward pass.")
+    lookup_ms: float | None = Field(None, description="Reading the stored vector (similar).")
+    search_ms: float = Field(description="The vector store query.")
+
+
+class SearchResponse(BaseModel):
+    hits: list[SearchHit]
+    limit: int
+    offset: int
+    next_offset: int | None = Field(
+        description="Offset of the next page, or null when this page was not full."
+    )
+    query_image_id: str | None = Field(
+        None, description="The stored image searched by (similar); null for uploads."
+    )
+    model: str
+    timing: QueryTiming
+
+
+class StoredImageResponse(BaseModel):
+    """The payload stored with an image by the ingest workers."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image_id: str
+    uri: str | None = None
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    model: str | None = None
+    sha256: str | None = None
+    event_id: str | None = None
+    ingested_at: str | None = None
+
+
+class UploadAccepted(BaseModel):
+    status: str = Field("accepted", description="Always 'accepted': a worker will ingest it.")
+    event_id: str
+    image_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+class CountResponse(BaseModel):
+    count: int
+
+
+class HealthResponse(BaseModel):
+    status: str = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: str = "ready"
+    model: str
+    dim: int
+    device: str
+    batching: bool
+    collection: str

@@ -1,0 +1,61 @@
+"""Decoding untrusted bytes: orientation, colour modes, bombs and garbage."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from shared.errors import ImageTooLargeError, UndecodableImageError
+from shared.images import decode_image
+
+
+def encode(image: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    decoded = decode_image(encode(image, "JPEG", exif=exif), max_pixels=10_000)
+    assert decoded.size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA", "1"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    image = Image.new("RGB", (8, 8), (10, 200, 30)).convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    assert decode_image(encode(image, fmt), max_pixels=100).mode == "RGB"
+
+
+def test_transparency_becomes_white() -> None:
+    image = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert decode_image(encode(image, "PNG"), max_pixels=100).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_pixel_bomb_is_refused_from_the_header() -> None:
+    # A 20000x20000 PNG of one colour compresses to a few hundred KB.
+    bomb = encode(Image.new("L", (20_000, 20_000)), "PNG")
+    with pytest.raises(ImageTooLargeError, match="400,000,000 pixels"):
+        decode_image(bomb, max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"just some text, named .jpg",
+        encode(Image.new("RGB", (64, 64)), "JPEG")[:200],  # truncated JPEG
+        encode(Image.new("RGB", (64, 64)), "PNG")[:60],  # truncated PNG
+        encode(Image.new("RGB", (64, 64)), "WEBP")[:30],  # truncated WebP
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 100,  # PNG magic, garbage after
+        b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,  # JPEG magic, corrupt tables
+    ],
+)
+def test_garbage_is_undecodable(data: bytes) -> None:
+    with pytest.raises(UndecodableImageError):
+        decode_image(data, max_pixels=10_000_000)
