@@ -77,7 +77,7 @@ def publish(paths: tuple[Path, ...], inline: bool, metadata: tuple[str, ...],
     if not files:
         raise click.ClickException(f"no image files ({', '.join(sorted(_suffixes()))}) under {', '.join(map(str, paths))}")
     if not inline and settings.image_file_roots:
-        outside = [f for f in files if not any(f.path.is_relative_to(r) for r in settings.image_file_roots)]
+        outside = [f for f in files if not any(f.path.is_relative_to(r.resolve()) for r in settings.image_file_roots)]
         if outside:
             click.echo(f"warning: {len(outside)} files are outside IMAGE_FILE_ROOTS; workers will "
                        f"refuse them (first: {outside[0].path}). Use --inline or widen the roots.",
@@ -139,6 +139,22 @@ def search(image: Path, limit: int, filters: tuple[str, ...]) -> None:
         click.echo(json.dumps(result, indent=2))
     finally:
         components.close()
+
+
+# The embedded stack (up, index, demo); imported last because they use the helpers above.
+from imgsearch.demo import demo  # noqa: E402
+from imgsearch.index import index  # noqa: E402
+from imgsearch.up import up  # noqa: E402
+
+cli.add_command(up)
+cli.add_command(index)
+cli.add_command(demo)
+
+
+# Commands that live in their own modules register here (they import helpers from above).
+from imgsearch.dlq import dlq  # noqa: E402
+
+cli.add_command(dlq)
 
 
 def main() -> None:

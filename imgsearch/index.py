@@ -15,14 +15,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from imgsearch.files import ImageFile
 from shared.config import Settings
 from shared.events import ImageUploaded, encode, parse_event, upload_event
-from shared.pipeline import BatchReport, IngestPipeline, WorkItem
+
+if TYPE_CHECKING:  # the pipeline imports torch: keep `imgsearch --help` fast
+    from shared.pipeline import BatchReport, IngestPipeline
 
 
 def file_event(f: ImageFile, *, metadata: dict[str, Any] | None = None,
@@ -93,6 +95,8 @@ def index_files(
     progress: Callable[[int], None] | None = None,
 ) -> IndexResult:
     """Run ``files`` through the pipeline in batches; per-file failures are collected."""
+    from shared.pipeline import WorkItem
+
     result = IndexResult()
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]

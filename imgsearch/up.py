@@ -24,18 +24,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from imgsearch.files import ImageFile
 from imgsearch.index import MODEL_HELP, WEIGHTS_HELP, Failure, file_event, model_overrides, with_roots
-from shared.components import Components
 from shared.config import Settings
 from shared.errors import ImgSearchError
 from shared.images import sha256_hex
-from shared.pipeline import BatchReport, IngestPipeline, WorkItem
-from shared.store.base import VectorStore
+
+if TYPE_CHECKING:  # these import torch: keep `imgsearch --help` fast
+    from shared.components import Components
+    from shared.pipeline import BatchReport, IngestPipeline, WorkItem
+    from shared.store.base import VectorStore
 
 # Tansu completes a group join after about half the session timeout: with the production
 # default (45 s) a fresh `up` would sit idle for ~20 s before its first batch. Heartbeats
@@ -151,18 +153,19 @@ class _ObservedPipeline:
         return getattr(self.inner, name)
 
 
-class _ReportingComponents(Components):
+def reporting_components(components: Components,
+                         on_report: Callable[[BatchReport], None]) -> Components:
     """The loaded components, with pipelines that report each batch. This is how `up`
     watches the real WorkerGroup's progress without a copy of the worker loop."""
+    from shared.components import Components
 
-    def __init__(self, components: Components, on_report: Callable[[BatchReport], None]) -> None:
-        super().__init__(components.settings, components.embedder, components.store,
-                         components.fetcher)
-        self.on_report = on_report
+    class _ReportingComponents(Components):
+        def pipeline(self, *, skip_unchanged: bool = True) -> IngestPipeline:
+            inner = super().pipeline(skip_unchanged=skip_unchanged)
+            return _ObservedPipeline(inner, on_report)  # type: ignore[return-value]
 
-    def pipeline(self, *, skip_unchanged: bool = True) -> IngestPipeline:
-        inner = super().pipeline(skip_unchanged=skip_unchanged)
-        return _ObservedPipeline(inner, self.on_report)  # type: ignore[return-value]
+    return _ReportingComponents(components.settings, components.embedder, components.store,
+                                components.fetcher)
 
 
 def new_or_changed(
@@ -311,6 +314,7 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
     from imgsearch.local_broker import LocalBroker
     from imgsearch.publish import collect, publish_files
     from ingest_worker.service import WorkerGroup
+    from shared.components import Components
     from shared.kafka import EventPublisher, ensure_topics
     from shared.logs import setup_logging
 
@@ -367,7 +371,7 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
         echo(f"search:  {api.url}/  (API docs {api.url}/docs)")
 
         tracker = IngestTracker()
-        group = WorkerGroup(_ReportingComponents(components, tracker.on_report),
+        group = WorkerGroup(reporting_components(components, tracker.on_report),
                             count=opts.workers)
         group.start()
         stack.callback(group.close)
@@ -382,20 +386,21 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
                 return False
             return True
 
-        if files:
-            if not _ingest(files, opts, settings, group, components, publisher, tracker,
-                           stopper, healthy, publish_files):
-                return 1 if not stopper.requested.is_set() else 0
+        status = 0
+        if files and not _ingest(files, opts, settings, group, components, publisher,
+                                 tracker, stopper, healthy, publish_files):
+            status = 0 if stopper.requested.is_set() else 1
         stopper.serving = True
-        if stopper.requested.is_set():
-            return 0
-        echo(f"ready:   {components.store.count()} images; search at {api.url}/ "
-             "(Ctrl-C to stop)")
-        while not stopper.requested.wait(0.5):
-            if not healthy():
-                return 1
-    echo("stopped cleanly")
-    return 0
+        if not stopper.requested.is_set() and status == 0:
+            echo(f"ready:   {components.store.count()} images; search at {api.url}/ "
+                 "(Ctrl-C to stop)")
+            while not stopper.requested.wait(0.5):
+                if not healthy():
+                    status = 1
+                    break
+        echo("stopping: workers finish their batch, then the API, store and broker stop")
+    echo("stopped cleanly" if status == 0 else "stopped after an error")
+    return status
 
 
 def _ingest(files: list[ImageFile], opts: UpOptions, settings: Settings, group: Any,

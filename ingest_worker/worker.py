@@ -31,7 +31,7 @@ from kafka.structs import OffsetAndMetadata
 from ingest_worker import metrics
 from ingest_worker.dead_letters import DeadLetterQueue
 from shared.config import Settings
-from shared.errors import EventError, ImgSearchError
+from shared.errors import BrokerError, EventError, ImgSearchError
 from shared.events import parse_event
 from shared.pipeline import IngestPipeline, WorkItem
 
@@ -54,6 +54,10 @@ class _Listener(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if assigned:
             log.info("%s: assigned %s", self.worker.name, _fmt(assigned))
+
+
+def _bytes(records: list[Any]) -> int:
+    return sum(len(r.value or b"") for r in records)
 
 
 def _fmt(partitions: set[TopicPartition]) -> str:
@@ -81,6 +85,7 @@ class IngestWorker:
         self._revoked: set[TopicPartition] = set()
         self.ready = threading.Event()
         self.batches_done = 0
+        self.revocations = 0  # rebalances that took partitions away from this worker
         self._last_activity = time.monotonic()
         self._optimized_since_activity = True
 
@@ -127,7 +132,8 @@ class IngestWorker:
         size = self.settings.batch_size
         max_wait = self.settings.batch_max_wait_ms / 1000
         deadline: float | None = None
-        while len(self._buffer) < size and not self._stop.is_set():
+        while (len(self._buffer) < size and not self._stop.is_set()
+               and _bytes(self._buffer) < self.settings.batch_max_bytes):
             if deadline is None:
                 timeout_ms = 500
             else:
@@ -141,7 +147,14 @@ class IngestWorker:
                 deadline = time.monotonic() + max_wait
             if time.monotonic() >= deadline:
                 break
-        batch, self._buffer = self._buffer[:size], self._buffer[size:]
+        # Cut at the count or the byte bound, whichever comes first (always at least one).
+        cut, total = 0, 0
+        while cut < min(size, len(self._buffer)):
+            total += len(self._buffer[cut].value or b"")
+            if cut and total > self.settings.batch_max_bytes:
+                break
+            cut += 1
+        batch, self._buffer = self._buffer[:cut], self._buffer[cut:]
         return batch
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -153,6 +166,7 @@ class IngestWorker:
             r for r in self._buffer if TopicPartition(r.topic, r.partition) not in revoked
         ]
         self._revoked |= revoked
+        self.revocations += 1
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -183,7 +197,7 @@ class IngestWorker:
             if failed:
                 self._retrying("dlq", lambda: self._dead_letter(failed))
             metrics.observe_batch(report, invalid=len(records) - len(items))
-            self._commit(records)
+            self._retrying("commit", lambda: self._commit(records))
             self.batches_done += 1
             metrics.BATCH_SECONDS.observe(time.monotonic() - started)
             log.info("%s: batch %s invalid=%d", self.name, report.summary(),
@@ -227,6 +241,8 @@ class IngestWorker:
             # redelivered to their new owner and overwrite the same points.
             log.warning("%s: commit refused after a rebalance (%s); records will be replayed",
                         self.name, exc)
+        except KafkaError as exc:
+            raise BrokerError(f"offset commit failed: {exc}") from exc
 
     # -- waiting out failures ----------------------------------------------------------------
 
@@ -291,8 +307,6 @@ def consumer_factory(settings: Settings, **overrides: Any) -> Callable[[Consumer
         try:
             return make_consumer(settings, listener=listener, **overrides)
         except KafkaError as exc:
-            from shared.errors import BrokerError
-
             raise BrokerError(
                 f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}: {exc}"
             ) from exc

@@ -9,15 +9,26 @@ from shared.config import Settings
 from shared.embedding import Embedder
 from shared.fetch import ImageFetcher
 from shared.pipeline import IngestPipeline
+from shared.reduction import reduction_spec
 from shared.store.base import CollectionSpec, VectorStore
 from shared.store.factory import open_store
+from shared.store.projected import ProjectedStore
 
 log = logging.getLogger(__name__)
 
 
 def collection_spec(settings: Settings, embedder: Embedder) -> CollectionSpec:
+    # --- Vectors: reduction and quantization ---
+    reduction = reduction_spec(settings, embedder.dim)
     return CollectionSpec(
-        name=settings.qdrant_collection, dim=embedder.dim, model=embedder.info.as_metadata()
+        name=settings.qdrant_collection,
+        dim=int(reduction["identity"]["out_dim"]) if reduction else embedder.dim,
+        model=embedder.info.as_metadata(),
+        reduction=reduction,
+        quantization=settings.quantization,
+        rescore=settings.quantization_rescore,
+        oversampling=settings.quantization_oversampling,
+        indexing_threshold_kb=settings.vector_indexing_threshold_kb,
     )
 
 
@@ -36,7 +47,8 @@ class Components:
             embedder = Embedder.from_settings(settings)
         log.info("model %s: %d-d vectors, device %s, weights %s", embedder.info.name,
                  embedder.dim, embedder.device, embedder.info.weights)
-        store = open_store(settings, collection_spec(settings, embedder))
+        # A collection built with a reduction is used through its own stored projection.
+        store = ProjectedStore.around(open_store(settings, collection_spec(settings, embedder)))
         log.info("store: %s collection %r", settings.store_location, settings.qdrant_collection)
         return cls(settings, embedder, store, ImageFetcher.from_settings(settings))
 

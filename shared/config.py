@@ -55,6 +55,28 @@ class Settings(BaseSettings):
     qdrant_collection: str = Field("images", pattern=r"^[A-Za-z0-9_\-]{1,128}$")
     qdrant_timeout_s: float = Field(10.0, gt=0)
 
+    # --- Vectors: reduction and quantization -----------------------------------------------
+    # Fixed when a collection is created and stored with it; reopening it with other values
+    # is an error (see docs/quality.md for what each costs and saves).
+    # random: a seeded random orthogonal projection to VECTOR_DIM (VECTOR_DIM = the model's
+    # dimension is a rotation, which binary quantization needs). pca: principal axes fitted
+    # on gallery vectors; creating such a collection needs VECTOR_REDUCTION_FILE (written by
+    # `imgsearch eval DATASET --reduction pca:N --save-reduction FILE`); later opens read
+    # the projection from the collection itself.
+    vector_reduction: Literal["none", "random", "pca"] = "none"
+    vector_dim: int | None = Field(None, ge=1)
+    vector_reduction_seed: int = Field(0, ge=0)
+    vector_reduction_file: Path | None = None
+    # Qdrant quantization of the stored vectors; the float32 originals stay (on disk) for
+    # rescoring. Query-time: rescore the candidates with the originals, oversampling x limit.
+    quantization: Literal["none", "int8", "binary"] = "none"
+    quantization_rescore: bool = True
+    quantization_oversampling: float | None = Field(None, ge=1.0, le=100.0)
+    # Segments whose vectors pass this many KB get their HNSW index and quantized copy when
+    # optimized. Unset: Qdrant's default (10 MB). Small collections below it are searched
+    # exactly with float32 vectors, whatever QUANTIZATION says.
+    vector_indexing_threshold_kb: int | None = Field(None, ge=1)
+
     # --- Model -----------------------------------------------------------------------------
     model_name: str = "resnet50"
     model_weights: Path | None = None
@@ -66,6 +88,8 @@ class Settings(BaseSettings):
     # --- Batching --------------------------------------------------------------------------
     batch_size: int = Field(32, ge=1, le=4096)
     batch_max_wait_ms: int = Field(200, ge=0, le=60_000)
+    # A batch stops growing once its messages hold this many bytes (inline images are big).
+    batch_max_bytes: int = Field(256 * MiB, ge=1024)
 
     # --- Fetching and decoding -------------------------------------------------------------
     image_file_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
@@ -180,7 +204,8 @@ class Settings(BaseSettings):
                 root = Path.cwd() / root
             if not root.is_dir():
                 raise ValueError(f"IMAGE_FILE_ROOTS entry {str(root)!r} is not a directory")
-            resolved.append(root.resolve())
+            # Kept as written (absolute): file:// URIs may spell the root either way.
+            resolved.append(Path(os.path.normpath(root)))
         return resolved
 
     @field_validator("qdrant_url", "qdrant_path", mode="before")
@@ -199,6 +224,22 @@ class Settings(BaseSettings):
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ValueError(f"DEVICE must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _vector_encoding(self) -> Settings:
+        if self.vector_reduction == "random" and self.vector_dim is None:
+            raise ValueError("VECTOR_REDUCTION=random needs VECTOR_DIM (e.g. 320)")
+        if self.vector_reduction == "pca" and not (self.vector_dim or self.vector_reduction_file):
+            raise ValueError(
+                "VECTOR_REDUCTION=pca needs VECTOR_DIM (to open an existing collection) or "
+                "VECTOR_REDUCTION_FILE (a fitted projection, to create one)"
+            )
+        if self.vector_reduction == "none" and (self.vector_dim or self.vector_reduction_file):
+            raise ValueError(
+                "VECTOR_DIM / VECTOR_REDUCTION_FILE are set but VECTOR_REDUCTION=none; "
+                "set VECTOR_REDUCTION=random or pca, or unset them"
+            )
         return self
 
     @property

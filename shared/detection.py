@@ -299,7 +299,12 @@ def _load_checkpoint(path: Path, device: torch.device, trust_pickle: bool) -> _L
 def _load_torchscript(path: Path, device: torch.device) -> _Loaded:
     extra = {"config.txt": ""}
     try:
-        model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        with warnings.catch_warnings():
+            # torch 2.15 marks TorchScript deprecated; loading still works, and this file
+            # format is what YOLOv5's export.py writes.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated",
+                                    category=FutureWarning)
+            model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as exc:  # a corrupt archive fails in many ways
         raise ModelError(
             f"cannot load DETECTOR_WEIGHTS={path} as TorchScript: {type(exc).__name__}: "

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -47,13 +48,21 @@ def resolve_file_uri(uri: str, roots: Sequence[Path]) -> Path:
         raise ForbiddenSourceError(
             "file:// URIs are disabled: set IMAGE_FILE_ROOTS to the directories to read from"
         )
+    # Check the path as written first, so nothing outside the roots is even looked at
+    # (a "not found" there would tell a caller which files exist).
+    lexical = Path(os.path.normpath(raw_path))
+    spellings = {Path(os.path.normpath(r)) for r in roots} | {Path(r).resolve() for r in roots}
+    if not any(lexical.is_relative_to(root) for root in spellings):
+        raise ForbiddenSourceError(
+            f"{raw_path} is outside IMAGE_FILE_ROOTS ({', '.join(str(r) for r in roots)})"
+        )
     try:
         real = Path(raw_path).resolve(strict=True)
     except FileNotFoundError as exc:
         raise SourceNotFoundError(f"no such file: {raw_path}") from exc
     except (OSError, RuntimeError) as exc:  # symlink loops, permission on a parent
         raise SourceNotFoundError(f"cannot resolve {raw_path}: {exc}") from exc
-    if not any(real.is_relative_to(root) for root in roots):
+    if not any(real.is_relative_to(Path(root).resolve()) for root in roots):
         raise ForbiddenSourceError(
             f"{raw_path} resolves to {real}, outside IMAGE_FILE_ROOTS "
             f"({', '.join(str(r) for r in roots)})"
@@ -86,7 +95,7 @@ class ImageFetcher:
         max_redirects: int = 5,
         allowed_networks: Sequence[IPNetwork] = (),
     ) -> None:
-        self.file_roots = [Path(r).resolve() for r in file_roots]
+        self.file_roots = [Path(os.path.abspath(r)) for r in file_roots]
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
@@ -141,7 +150,10 @@ class ImageFetcher:
             if isinstance(response_or_next, bytes):
                 return response_or_next
             url = response_or_next
-        raise SourceError(f"too many redirects (more than {self.max_redirects}) from {uri}")
+        raise SourceError(
+            f"too many redirects (more than {self.max_redirects}) from {uri}",
+            reason="too_many_redirects",
+        )
 
     def _http_once(self, url: str, deadline: float) -> bytes | str:
         """One request. Returns the body, or the next URL for a redirect."""

@@ -182,3 +182,14 @@ def test_http_failures_are_classified(server: str, path: str, error: type, reaso
             fetcher.fetch(f"{server}{path}")
     assert (info.value.reason, info.value.retriable) == (reason, retriable)
     assert time.monotonic() - started < 3.0  # the total deadline holds for a trickle
+
+
+def test_a_root_reached_through_a_symlink_accepts_both_spellings(tmp_path: Path) -> None:
+    real = tmp_path / "mnt-data"
+    real.mkdir()
+    (real / "p.jpg").write_bytes(b"P")
+    alias = tmp_path / "data"
+    os.symlink(real, alias)
+    with ImageFetcher(file_roots=[alias]) as fetcher:
+        assert fetcher.fetch((alias / "p.jpg").as_uri()) == b"P"
+        assert fetcher.fetch((real / "p.jpg").as_uri()) == b"P"

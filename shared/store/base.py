@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import CollectionMismatchError
+from shared.errors import CollectionMismatchError, ConfigError
 
 # Point ids are derived from image ids, so a replayed event overwrites instead of duplicating.
 POINT_NAMESPACE = uuid.UUID("5b0c2a5e-63a1-4d55-9a4e-8f1f0f3c9d21")
@@ -32,13 +32,54 @@ class CollectionSpec:
     dim: int
     model: Mapping[str, Any] = field(default_factory=dict)  # ModelInfo.as_metadata()
     distance: str = "cosine"
+    # --- Vectors: reduction and quantization (shared/reduction.py, docs/quality.md) ---
+    # Reduction.to_metadata() (matrix included) to create a collection; {"identity": {...}}
+    # alone is enough to open an existing one. None: the model's full vectors.
+    reduction: Mapping[str, Any] | None = None
+    quantization: str = "none"  # none | int8 | binary; part of the collection
+    # Query-time and build-time knobs, not part of the collection's identity.
+    rescore: bool = True
+    oversampling: float | None = None
+    indexing_threshold_kb: int | None = None
 
     def metadata(self) -> dict[str, Any]:
-        return {"imgsearch": {"dim": self.dim, "distance": self.distance, **self.model}}
+        info: dict[str, Any] = {"dim": self.dim, "distance": self.distance, **self.model}
+        if self.reduction is not None:
+            if "matrix_b64" not in self.reduction:
+                raise ConfigError(
+                    f"cannot create collection {self.name!r} with a "
+                    f"{self.reduction.get('identity', {}).get('method')} reduction: its matrix "
+                    "is unknown. Set VECTOR_REDUCTION_FILE to a fitted projection (imgsearch "
+                    "eval DATASET --reduction pca:N --save-reduction FILE)."
+                )
+            info["reduction"] = dict(self.reduction)
+        info["quantization"] = self.quantization
+        return {"imgsearch": info}
+
+    def check_vectors(self, info: Mapping[str, Any]) -> None:
+        """Raise CollectionMismatchError unless the stored reduction/quantization agree."""
+        want = (self.reduction or {}).get("identity")
+        have = (info.get("reduction") or {}).get("identity")
+        if (want is None) != (have is None) or (
+            want is not None and any(have.get(k) != v for k, v in want.items())
+        ):
+            raise CollectionMismatchError(
+                f"collection {self.name!r} was built with reduction {have or 'none'}, but "
+                f"this process is configured for {want or 'none'}. Set VECTOR_REDUCTION, "
+                "VECTOR_DIM and VECTOR_REDUCTION_SEED to match, or use another QDRANT_COLLECTION."
+            )
+        have_q = info.get("quantization", "none")
+        if have_q != self.quantization:
+            raise CollectionMismatchError(
+                f"collection {self.name!r} was built with QUANTIZATION={have_q}, this process "
+                f"has QUANTIZATION={self.quantization}; set it to {have_q} or use another "
+                "QDRANT_COLLECTION"
+            )
 
     def check_compatible(self, stored: Mapping[str, Any] | None, stored_dim: int) -> None:
         """Raise CollectionMismatchError if the stored collection was built otherwise."""
         info = (stored or {}).get("imgsearch") or {}
+        self.check_vectors(info)
         want_model = self.model.get("model_name")
         have_model = info.get("model_name")
         if stored_dim != self.dim or (want_model and have_model and want_model != have_model):
@@ -82,6 +123,8 @@ class VectorStore(abc.ABC):
     ``upsert`` and ``delete`` return only once the write is durable."""
 
     spec: CollectionSpec
+    # The collection's metadata as stored (CollectionSpec.metadata() of its creator).
+    stored_metadata: Mapping[str, Any] | None = None
 
     @abc.abstractmethod
     def upsert(self, records: Sequence[PointRecord]) -> None: ...

@@ -39,6 +39,26 @@ T = TypeVar("T")
 _DISTANCES = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot}
 
 
+# --- Vectors: reduction and quantization ---
+def _quantization_config(kind: str) -> Any:
+    """Quantized copies live in RAM; the float32 originals stay for rescoring."""
+    if kind == "int8":
+        return qe.ScalarQuantizationConfig(qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+    if kind == "binary":
+        return qe.BinaryQuantizationConfig(always_ram=True)
+    return None
+
+
+def _search_params(spec: CollectionSpec) -> qe.SearchParams | None:
+    if spec.quantization == "none":
+        return None
+    return qe.SearchParams(
+        quantization=qe.QuantizationSearchParams(
+            rescore=spec.rescore, oversampling=spec.oversampling
+        )
+    )
+
+
 def _filter(filters: Filters | None, exclude_ids: Sequence[str]) -> qe.Filter | None:
     must: list[Any] = [
         qe.FieldCondition(payload_key(k), match=qe.MatchValue(v)) for k, v in (filters or {}).items()
@@ -60,6 +80,7 @@ class EdgeStore(VectorStore):
         # Writes are serialised so that flush() covers exactly the batch that asked for it.
         self._write_lock = threading.Lock()
         self._dirty = False
+        self._search_params = _search_params(spec)
         self.shard = self._call(self._open, "open")
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
@@ -82,17 +103,26 @@ class EdgeStore(VectorStore):
         if self._spec_file.exists():
             stored = json.loads(self._spec_file.read_text())
             self.spec.check_compatible(stored.get("metadata"), int(stored.get("dim", -1)))
+            self.stored_metadata = stored.get("metadata") or {}
             return qe.EdgeShard.load(str(self._shard_dir))
+        metadata = self.spec.metadata()  # raises before anything is created if it cannot be
         log.info("creating embedded collection %s (%d-d)", self.directory, self.spec.dim)
         self.directory.mkdir(parents=True, exist_ok=True)
+        threshold = self.spec.indexing_threshold_kb
         config = qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=self.spec.dim, distance=_DISTANCES[self.spec.distance])
+            vectors=qe.EdgeVectorParams(
+                size=self.spec.dim,
+                distance=_DISTANCES[self.spec.distance],
+                quantization_config=_quantization_config(self.spec.quantization),
+            ),
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=threshold) if threshold else None,
         )
         shard = qe.EdgeShard.create(str(self._shard_dir), config)
         # Written last and atomically: a directory without it is an interrupted creation.
         tmp = self._spec_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"dim": self.spec.dim, "metadata": self.spec.metadata()}, indent=2))
+        tmp.write_text(json.dumps({"dim": self.spec.dim, "metadata": metadata}, indent=2))
         tmp.replace(self._spec_file)
+        self.stored_metadata = metadata
         return shard
 
     def upsert(self, records: Sequence[PointRecord]) -> None:
@@ -135,6 +165,7 @@ class EdgeStore(VectorStore):
             with_payload=True,
             filter=_filter(filters, exclude_image_ids),
             score_threshold=score_threshold,
+            params=self._search_params,
         )
         points = self._call(lambda: self.shard.query(request), "search")
         return [

@@ -27,6 +27,30 @@ T = TypeVar("T")
 _DISTANCES = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT}
 
 
+# --- Vectors: reduction and quantization ---
+def _quantization_config(kind: str) -> models.QuantizationConfig | None:
+    """Quantized copies live in RAM; the float32 originals stay for rescoring."""
+    if kind == "int8":
+        return models.ScalarQuantization(
+            scalar=models.ScalarQuantizationConfig(
+                type=models.ScalarType.INT8, quantile=0.99, always_ram=True
+            )
+        )
+    if kind == "binary":
+        return models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True))
+    return None
+
+
+def _search_params(spec: CollectionSpec) -> models.SearchParams | None:
+    if spec.quantization == "none":
+        return None
+    return models.SearchParams(
+        quantization=models.QuantizationSearchParams(
+            rescore=spec.rescore, oversampling=spec.oversampling
+        )
+    )
+
+
 def _filter(filters: Filters | None, exclude_ids: Sequence[str]) -> models.Filter | None:
     must: list[Any] = [
         models.FieldCondition(key=payload_key(k), match=models.MatchValue(value=v))
@@ -66,19 +90,27 @@ class QdrantStore(VectorStore):
         if not self.client.collection_exists(name):
             if not create:
                 raise StoreError(f"collection {name!r} does not exist", retriable=False)
+            metadata = self.spec.metadata()
             log.info("creating collection %r (%d-d, %s)", name, self.spec.dim, self.spec.distance)
+            threshold = self.spec.indexing_threshold_kb
             self.client.create_collection(
                 name,
                 vectors_config=models.VectorParams(
                     size=self.spec.dim, distance=_DISTANCES[self.spec.distance]
                 ),
-                metadata=self.spec.metadata(),
+                metadata=metadata,
+                quantization_config=_quantization_config(self.spec.quantization),
+                optimizers_config=(
+                    models.OptimizersConfigDiff(indexing_threshold=threshold) if threshold else None
+                ),
             )
+            self.stored_metadata = metadata
             return
         info = self.client.get_collection(name)
         vectors = info.config.params.vectors
         stored_dim = vectors.size if isinstance(vectors, models.VectorParams) else -1
         self.spec.check_compatible(info.config.metadata, stored_dim)
+        self.stored_metadata = info.config.metadata or {}
 
     def upsert(self, records: Sequence[PointRecord]) -> None:
         if not records:
@@ -123,6 +155,7 @@ class QdrantStore(VectorStore):
                 score_threshold=score_threshold,
                 query_filter=_filter(filters, exclude_image_ids),
                 with_payload=True if with_payload else ["image_id"],
+                search_params=_search_params(self.spec),
             ),
             "search",
         )

@@ -1,0 +1,215 @@
+"""Embedded store benchmark: Qdrant Edge (EdgeStore) vs qdrant-client local mode (QdrantStore).
+
+Both behind the project's VectorStore interface, in one run, on the same vectors:
+random unit vectors (default 100k x 1280, mobilenetv2_100's width) with payloads shaped
+like the real ones. Reports the upsert rate, Edge's optimize() time (HNSW build), query
+latency p50/p99, and recall@10 against exact brute force. Queries are stored vectors
+plus noise, so each has a well-defined nearest neighbour.
+
+qdrant-client's local mode searches by brute force in Python (~0.7 s per query at
+50k x 2048), so it gets fewer queries; --local-queries 0 skips its queries,
+--skip-local skips it altogether.
+
+    python bench/store.py                      # 100k x 1280: a few minutes on 2 cores
+    python bench/store.py --n 20000 --local-queries 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shared.store.base import CollectionSpec, PointRecord, VectorStore  # noqa: E402
+
+SPEC_MODEL = {"model_name": "bench-random", "preprocessing": {}}
+
+
+@dataclass
+class Result:
+    name: str
+    upsert_s: float
+    n: int
+    optimize_s: float | None
+    latencies_ms: list[float]
+    recall: float | None
+    recall_unoptimized: float | None = None
+    p50_unoptimized_ms: float | None = None
+
+    def row(self) -> list[str]:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else None
+        return [
+            self.name,
+            f"{self.n / self.upsert_s:,.0f}",
+            f"{self.upsert_s:.1f}",
+            "-" if self.optimize_s is None else f"{self.optimize_s:.1f}",
+            "-" if lat is None else f"{len(lat)}",
+            "-" if lat is None else f"{np.percentile(lat, 50):.2f}",
+            "-" if lat is None else f"{np.percentile(lat, 99):.2f}",
+            "-" if self.recall is None else f"{self.recall:.3f}",
+        ]
+
+
+def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    v = rng.standard_normal((n, dim), dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v
+
+
+def payload(i: int) -> dict[str, object]:
+    return {
+        "image_id": f"gallery/class_{i % 100:03d}/{i:07d}.jpg",
+        "uri": f"file:///data/gallery/class_{i % 100:03d}/{i:07d}.jpg",
+        "metadata": {"label": f"class_{i % 100:03d}"},
+        "model": "bench-random",
+        "sha256": f"{i:064x}",
+        "event_id": f"00000000-0000-4000-8000-{i:012x}",
+        "ingested_at": "2026-11-20T00:00:00+00:00",
+    }
+
+
+def fill(store: VectorStore, vectors: np.ndarray, batch: int, label: str) -> float:
+    started = time.perf_counter()
+    for start in range(0, len(vectors), batch):
+        chunk = vectors[start : start + batch]
+        store.upsert([PointRecord(str(payload(start + j)["image_id"]), v, payload(start + j))
+                      for j, v in enumerate(chunk)])
+        done = start + len(chunk)
+        if done % (batch * 20) == 0 or done == len(vectors):
+            rate = done / (time.perf_counter() - started)
+            print(f"  {label}: {done:,}/{len(vectors):,} upserted ({rate:,.0f}/s)",
+                  file=sys.stderr, flush=True)
+    return time.perf_counter() - started
+
+
+def query(store: VectorStore, queries: np.ndarray, truth: np.ndarray,
+          k: int = 10) -> tuple[list[float], float]:
+    latencies = []
+    found = 0
+    for q, want in zip(queries, truth, strict=True):
+        t0 = time.perf_counter()
+        hits = store.search(q, limit=k)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        ids = {h.image_id for h in hits}
+        found += sum(1 for i in want if payload(int(i))["image_id"] in ids)
+    return latencies, found / (len(queries) * k)
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    scores = queries @ vectors.T
+    return np.argsort(-scores, axis=1)[:, :k]
+
+
+def timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_edge(root: Path, spec: CollectionSpec, vectors: np.ndarray, queries: np.ndarray,
+               truth: np.ndarray, batch: int, unoptimized_queries: int) -> Result:
+    from shared.store.edge import EdgeStore
+
+    store = EdgeStore(root, spec)
+    try:
+        upsert_s = fill(store, vectors, batch, "edge")
+        pre_lat, pre_recall = query(store, queries[:unoptimized_queries],
+                                    truth[:unoptimized_queries])
+        optimize_s = timed(store.optimize)
+        print(f"  edge: optimize() took {optimize_s:.1f}s", file=sys.stderr, flush=True)
+        latencies, recall = query(store, queries, truth)
+        assert store.count() == len(vectors)
+    finally:
+        store.close()
+    # Reopening shows what a restart costs (segments and HNSW load from disk).
+    reopen_s = timed(lambda: EdgeStore(root, spec).close())
+    print(f"  edge: reopen + close took {reopen_s:.1f}s", file=sys.stderr, flush=True)
+    return Result("Qdrant Edge (EdgeStore)", upsert_s, len(vectors), optimize_s, latencies,
+                  recall, pre_recall, float(np.percentile(pre_lat, 50)) if pre_lat else None)
+
+
+def bench_local(root: Path, spec: CollectionSpec, vectors: np.ndarray, queries: np.ndarray,
+                truth: np.ndarray, batch: int) -> Result:
+    from qdrant_client import QdrantClient
+
+    from shared.store.qdrant import QdrantStore
+
+    store = QdrantStore(QdrantClient(path=str(root)), spec)
+    try:
+        upsert_s = fill(store, vectors, batch, "local")
+        latencies, recall = query(store, queries, truth) if len(queries) else ([], None)
+    finally:
+        store.close()
+    return Result("qdrant-client local (QdrantStore)", upsert_s, len(vectors), None, latencies,
+                  recall)
+
+
+def table(rows: list[list[str]]) -> str:
+    header = ["store", "upsert/s", "upsert s", "optimize s", "queries", "p50 ms", "p99 ms",
+              "recall@10"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--batch", type=int, default=512, help="points per upsert")
+    parser.add_argument("--queries", type=int, default=500, help="Edge queries after optimize")
+    parser.add_argument("--unoptimized-queries", type=int, default=50,
+                        help="Edge queries before optimize (plain segments)")
+    parser.add_argument("--local-queries", type=int, default=20)
+    parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--noise", type=float, default=0.05,
+                        help="query = stored vector + this much noise, renormalised")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--dir", type=Path, help="where to put the stores (default: a temp dir)")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    print(f"generating {args.n:,} x {args.dim} unit vectors", file=sys.stderr, flush=True)
+    vectors = unit_vectors(rng, args.n, args.dim)
+    picks = rng.choice(args.n, size=max(args.queries, args.local_queries), replace=False)
+    queries = vectors[picks] + args.noise * unit_vectors(rng, len(picks), args.dim)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = exact_top_k(vectors, queries)
+    spec = CollectionSpec(name="bench", dim=args.dim, model=SPEC_MODEL)
+
+    with tempfile.TemporaryDirectory(prefix="bench-store-", dir=args.dir) as tmp:
+        results = [bench_edge(Path(tmp) / "edge", spec, vectors, queries[: args.queries],
+                              truth[: args.queries], args.batch, args.unoptimized_queries)]
+        if not args.skip_local:
+            results.append(bench_local(Path(tmp) / "local", spec, vectors,
+                                       queries[: args.local_queries],
+                                       truth[: args.local_queries], args.batch))
+
+    print()
+    print(f"{args.n:,} x {args.dim}-d random unit vectors, cosine, batch {args.batch}, "
+          f"{os.cpu_count()} CPUs, queries = stored vector + noise {args.noise}")
+    print(table([r.row() for r in results]))
+    edge = results[0]
+    if edge.p50_unoptimized_ms is not None:
+        print(f"\nEdge before optimize(): p50 {edge.p50_unoptimized_ms:.2f} ms over "
+              f"{args.unoptimized_queries} queries, recall@10 {edge.recall_unoptimized:.3f}")
+    if len(results) > 1 and results[1].latencies_ms:
+        local_p50 = float(np.percentile(results[1].latencies_ms, 50))
+        edge_p50 = float(np.percentile(edge.latencies_ms, 50))
+        print(f"query p50 ratio local/edge: {local_p50 / edge_p50:,.0f}x; upsert rate ratio "
+              f"edge/local: {results[1].upsert_s / edge.upsert_s:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

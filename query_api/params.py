@@ -1,0 +1,89 @@
+"""Query parameters shared by /search and /images/{image_id}/similar."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Query
+
+from query_api.errors import ApiError
+from shared.config import Settings
+from shared.events import METADATA_KEY_PATTERN
+
+MAX_FILTERS = 16
+_INT = re.compile(r"^-?\d{1,18}$")
+
+FILTER_HELP = (
+    "Metadata filter `key=value`, repeatable; several filters are ANDed. "
+    "`true`/`false` match booleans, integers match integers, anything else (or a value in "
+    'double quotes, e.g. `zip="02139"`) matches text exactly. Example: `filter=label=goldfinch`.'
+)
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    limit: int = 10
+    offset: int = 0
+    score_threshold: float | None = None
+    filters: dict[str, Any] = field(default_factory=dict)
+    with_metadata: bool = True
+
+
+def parse_filter_value(raw: str) -> str | int | bool:
+    if raw in ("true", "false"):
+        return raw == "true"
+    if _INT.match(raw):
+        return int(raw)
+    if len(raw) >= 2 and raw.startswith('"') and raw.endswith('"'):
+        return raw[1:-1]
+    return raw
+
+
+def parse_filters(items: list[str]) -> dict[str, Any]:
+    filters: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ApiError(
+                422, "invalid_filter", f"filter {item!r} must be key=value (e.g. label=goldfinch)"
+            )
+        if not re.match(METADATA_KEY_PATTERN, key):
+            raise ApiError(
+                422, "invalid_filter",
+                f"filter key {key!r} must match {METADATA_KEY_PATTERN} "
+                "(letters, digits, '_' and '-', starting with a letter or '_')",
+            )
+        if key in filters:
+            raise ApiError(
+                422, "invalid_filter",
+                f"filter key {key!r} appears twice; filters are ANDed, so it could never match",
+            )
+        filters[key] = parse_filter_value(raw)
+    return filters
+
+
+def search_params_dependency(settings: Settings) -> Callable[..., SearchParams]:
+    """Build the dependency with this deployment's limits, so /docs shows the real caps."""
+
+    # Defaults rather than Annotated[...]: with postponed annotations FastAPI could not
+    # resolve ``settings`` (a closure variable) inside the annotation.
+    def search_params(
+        limit: int = Query(10, ge=1, le=settings.api_max_limit, description="Hits per page."),
+        offset: int = Query(
+            0, ge=0, le=settings.api_max_offset, description="Hits to skip (paging)."
+        ),
+        score_threshold: float | None = Query(
+            None, ge=-1.0, le=1.0, allow_inf_nan=False,
+            description="Only hits with at least this cosine similarity.",
+        ),
+        filter: list[str] = Query(  # noqa: A002 - the public parameter name
+            [], max_length=MAX_FILTERS, description=FILTER_HELP
+        ),
+        with_metadata: bool = Query(True, description="Include each hit's metadata."),
+    ) -> SearchParams:
+        return SearchParams(limit, offset, score_threshold, parse_filters(filter), with_metadata)
+
+    return search_params
