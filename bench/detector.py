@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.detection import Cropper, CropMode, Detector  # noqa: E402
+from shared.detection import CropMode, Cropper, Detector  # noqa: E402
 from shared.embedding import Embedder  # noqa: E402
 from shared.images import decode_image  # noqa: E402
 
@@ -97,7 +97,8 @@ def main() -> None:
 
     print(f"{len(payloads)} ImageNet-sample JPEGs, batch {args.batch}, mobilenetv2_100, "
           f"device {embedder.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}")
     for config in configs:  # warm-up: first-call allocations and kernel selection
         run_once(config, payloads[: args.batch], embedder, args.batch)
     rounds: dict[str, list[Round]] = {c.name: [] for c in configs}

@@ -156,6 +156,10 @@ from imgsearch.dlq import dlq  # noqa: E402
 
 cli.add_command(dlq)
 
+from imgsearch.evaluation.command import eval_command  # noqa: E402
+
+cli.add_command(eval_command, "eval")
+
 
 def main() -> None:
     cli()

@@ -29,7 +29,8 @@ from shared.errors import FetchError, SourceError
 
 DEMO_URLS = (
     "https://github.com/towhee-io/examples/releases/download/data/reverse_image_search.zip",
-    "https://github.com/milvus-io/pymilvus-assets/releases/download/imagedata/reverse_image_search.zip",
+    "https://github.com/milvus-io/pymilvus-assets/releases/download/imagedata/"
+    "reverse_image_search.zip",
 )
 # Record these from a verified download (the command prints both); None skips the check.
 DEMO_ARCHIVE_SHA256: str | None = None
@@ -91,8 +92,9 @@ def download(
                           event_hooks={"request": [check_redirect]}) as client:
             with client.stream("GET", url) as response:
                 if response.status_code != 200:
-                    raise SourceError(f"HTTP {response.status_code} from {url}",
-                                      reason="fetch_http_4xx", retriable=response.status_code >= 500)
+                    status = response.status_code
+                    raise SourceError(f"HTTP {status} from {url}", reason="fetch_http_4xx",
+                                      retriable=status >= 500)
                 declared = response.headers.get("content-length")
                 total = int(declared) if declared and declared.isdigit() else None
                 for limit, what in ((total, "declares"), (expected_size, "is expected to be")):
@@ -203,7 +205,7 @@ def safe_extract(archive: Path, target: Path, *,
         return written
 
 
-# -- the dataset ------------------------------------------------------------------------------------
+# -- the dataset ---------------------------------------------------------------------------------
 
 
 def dataset_root(extracted: Path) -> Path:

@@ -97,6 +97,10 @@ class LocalBroker:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            # Its own session: a Ctrl-C in the terminal goes to our whole process group, and
+            # the broker must outlive our clean shutdown (workers commit through it), so we
+            # stop it ourselves, last.
+            start_new_session=True,
             preexec_fn=_die_with_parent(),  # noqa: PLW1509 - runs only prctl and getppid
         )
         try:

@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from imgsearch.files import ImageFile
-from imgsearch.index import MODEL_HELP, WEIGHTS_HELP, Failure, file_event, model_overrides, with_roots
+from imgsearch.index import (
+    MODEL_HELP,
+    WEIGHTS_HELP,
+    Failure,
+    file_event,
+    model_overrides,
+    with_roots,
+)
 from shared.config import Settings
 from shared.errors import ImgSearchError
 from shared.images import sha256_hex
@@ -67,6 +74,10 @@ class UpOptions:
 # -- signals -------------------------------------------------------------------------------
 
 
+class StopRequested(Exception):
+    """Raised from a progress callback to leave a long step when a stop was asked for."""
+
+
 class Stopper:
     """SIGINT and SIGTERM. While starting up they abort (KeyboardInterrupt, so every
     ``finally`` runs); once serving they ask for a clean stop; a second one is ignored
@@ -84,6 +95,10 @@ class Stopper:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def check(self) -> None:
+        if self.requested.is_set():
+            raise StopRequested()
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -306,6 +321,8 @@ def run_up(opts: UpOptions) -> int:
     except KeyboardInterrupt:
         click.echo("stopped during start-up", err=True)
         return 130
+    except ImgSearchError as exc:
+        raise click.ClickException(str(exc)) from exc
     finally:
         stopper.restore()
 
@@ -376,6 +393,7 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
         group.start()
         stack.callback(group.close)
         echo(f"ingest:  {len(group.workers)} worker(s) on topic {settings.kafka_topic!r}")
+        stopper.serving = True  # from here a signal asks for a clean stop
 
         def healthy() -> bool:
             if group.errors or not group.alive:
@@ -390,7 +408,6 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
         if files and not _ingest(files, opts, settings, group, components, publisher,
                                  tracker, stopper, healthy, publish_files):
             status = 0 if stopper.requested.is_set() else 1
-        stopper.serving = True
         if not stopper.requested.is_set() and status == 0:
             echo(f"ready:   {components.store.count()} images; search at {api.url}/ "
                  "(Ctrl-C to stop)")
@@ -410,19 +427,31 @@ def _ingest(files: list[ImageFile], opts: UpOptions, settings: Settings, group: 
     Returns False when it stopped early (a signal, or a component failed)."""
     from tqdm import tqdm
 
-    with tqdm(total=len(files), unit="img", desc="checking", file=sys.stderr,
-              leave=False) as bar:
-        todo = new_or_changed(group.pipeline, components.store, files,
-                              label_from_folder=opts.label_from_folder,
-                              max_bytes=settings.fetch_max_bytes, progress=bar.update)
-    echo(f"images:  {len(files)} under {', '.join(map(str, opts.paths))}: "
-         f"{len(files) - len(todo)} already indexed, {len(todo)} to index")
-    if not todo:
-        return True
-    tracker.expect(todo)
-    started = time.monotonic()
-    publish_files(publisher, todo, label_from_folder=opts.label_from_folder)
-    stopper.serving = True  # from here a signal asks for a clean stop
+    def advance(bar: Any) -> Callable[[int], None]:
+        def step(n: int) -> None:
+            bar.update(n)
+            stopper.check()
+        return step
+
+    try:
+        with tqdm(total=len(files), unit="img", desc="checking", file=sys.stderr,
+                  leave=False) as bar:
+            todo = new_or_changed(group.pipeline, components.store, files,
+                                  label_from_folder=opts.label_from_folder,
+                                  max_bytes=settings.fetch_max_bytes, progress=advance(bar))
+        echo(f"images:  {len(files)} under {', '.join(map(str, opts.paths))}: "
+             f"{len(files) - len(todo)} already indexed, {len(todo)} to index")
+        if not todo:
+            return True
+        tracker.expect(todo)
+        started = time.monotonic()
+        with tqdm(total=len(todo), unit="img", desc="publishing", file=sys.stderr,
+                  leave=False) as bar:
+            publish_files(publisher, todo, label_from_folder=opts.label_from_folder,
+                          progress=advance(bar))
+    except StopRequested:
+        echo("stopped before indexing; run `imgsearch up` on the same folders again to index")
+        return False
     with tqdm(total=len(todo), unit="img", desc="indexing", file=sys.stderr,
               mininterval=0.5) as bar:
         while tracker.remaining:
@@ -431,7 +460,8 @@ def _ingest(files: list[ImageFile], opts: UpOptions, settings: Settings, group: 
                 echo(f"indexing interrupted after {tracker.done} of {len(todo)} images; "
                      "run `imgsearch up` on the same folders again to finish")
                 return False
-            bar.update(tracker.done - bar.n)
+            if tracker.done > bar.n:
+                bar.update(tracker.done - bar.n)
         bar.update(tracker.done - bar.n)
     elapsed = time.monotonic() - started
     echo(f"indexed: {tracker.stored} stored, {tracker.unchanged} unchanged, "
@@ -459,12 +489,8 @@ def _import_create_app() -> Callable[..., Any]:
 
 
 def _model_hint() -> str:
-    return (
-        "Without internet, give the model's weights as a file: "
-        "--weights /path/to/model.safetensors (MODEL_WEIGHTS), and name the model that "
-        "matches them with --model (MODEL_NAME), e.g. "
-        "--model mobilenetv2_100 --weights mobilenetv2_100.safetensors."
-    )
+    return ("On the command line: imgsearch up --model MODEL_NAME --weights FILE PATH..., "
+            "e.g. --model mobilenetv2_100 --weights mobilenetv2_100.safetensors")
 
 
 def up_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -134,5 +134,7 @@ class LagReporter:
 
     def _failed(self, exc: Exception) -> None:
         metrics.LAG_ERRORS.inc()
-        log.warning("could not measure consumer lag (the lag gauge keeps its last values): "
-                    "%s: %s", type(exc).__name__, exc)
+        # Format now: a record holding the exception would keep its traceback (and the
+        # client's sockets in those frames) alive for as long as any handler keeps records.
+        log.warning("could not measure consumer lag (the lag gauge keeps its last values): %s",
+                    f"{type(exc).__name__}: {exc}")

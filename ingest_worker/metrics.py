@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
-from shared.pipeline import BatchReport
+from shared.staged import WriteBatch
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -37,7 +37,7 @@ STAGE_SECONDS = Histogram(
 )
 BATCH_SECONDS = Histogram(
     "imgsearch_ingest_batch_duration_seconds",
-    "Wall time from a batch's start to its offsets' commit.",
+    "Time from a batch's oldest event entering the pipeline to its write being confirmed.",
     buckets=_STAGE_BUCKETS,
 )
 INFLIGHT = Gauge("imgsearch_ingest_inflight_batches", "Batches being processed now.")
@@ -66,14 +66,10 @@ for _stage in RETRY_STAGES:
     RETRIES.labels(_stage)
 
 
-def observe_batch(report: BatchReport, invalid: int) -> None:
-    BATCH_SIZE.observe(len(report.results) + invalid)
-    if invalid:
-        EVENTS.labels("invalid").inc(invalid)
-    for outcome in ("stored", "deleted", "unchanged", "failed"):
-        n = report.count(outcome)  # type: ignore[arg-type]
-        if n:
-            EVENTS.labels(outcome).inc(n)
-    EMBEDDED.inc(report.count("stored"))
-    for stage, seconds in report.stage_seconds.items():
+def observe_write(batch: WriteBatch) -> None:
+    """One confirmed write batch: its size, stage times and end-to-end latency."""
+    BATCH_SIZE.observe(len(batch.results))
+    EMBEDDED.inc(sum(r.outcome == "stored" for r in batch.results))
+    for stage, seconds in batch.stage_seconds.items():
         STAGE_SECONDS.labels(stage).observe(seconds)
+    BATCH_SECONDS.observe(batch.latency_s)

@@ -2,21 +2,21 @@
 
 Delivery is at-least-once with idempotent writes, which makes it effectively once:
 
-1. poll records into a micro-batch (BATCH_SIZE, or what arrives within BATCH_MAX_WAIT_MS);
-2. parse each record; hand the events to the pipeline (fetch, decode, embed, upsert);
-3. send the events that can never succeed to the dead-letter topic and wait for its ack;
-4. commit, per partition, the offset after the batch's last record.
+1. poll records and parse them; hand each event to the staged pipeline
+   (fetch/decode pool, batched embedding, batched writes: shared/staged.py);
+2. an event that can never succeed goes to the dead-letter topic;
+3. an offset is committed only once its record, *and every record before it in its
+   partition*, is stored or dead-lettered (ingest_worker/offsets.py).
 
-Nothing is committed before the store has confirmed the batch, so a crash at any point
-replays from the last commit, and replays overwrite the same point ids.
-
-While the store is down the worker pauses its partitions and keeps polling, so it stays
-in its consumer group, and retries with capped exponential backoff and jitter.
+So a crash at any point replays from the last commit, and replays overwrite the same
+point ids. While the store is down, the pipeline retries and fills up; the worker then
+pauses its partitions but keeps polling, so it stays in its consumer group.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -30,14 +30,18 @@ from kafka.structs import OffsetAndMetadata
 
 from ingest_worker import metrics
 from ingest_worker.dead_letters import DeadLetterQueue
+from ingest_worker.offsets import OffsetTracker
 from shared.config import Settings
 from shared.errors import BrokerError, EventError, ImgSearchError
 from shared.events import parse_event
-from shared.pipeline import IngestPipeline, WorkItem
+from shared.pipeline import IngestPipeline, ItemResult, WorkItem
+from shared.staged import StagedPipeline, WriteBatch
 
 log = logging.getLogger(__name__)
 
 IDLE_OPTIMIZE_AFTER_S = 5.0
+COMMIT_INTERVAL_S = 0.5
+REVOKE_DRAIN_S = 10.0
 
 
 class _Stopping(Exception):
@@ -54,10 +58,6 @@ class _Listener(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if assigned:
             log.info("%s: assigned %s", self.worker.name, _fmt(assigned))
-
-
-def _bytes(records: list[Any]) -> int:
-    return sum(len(r.value or b"") for r in records)
 
 
 def _fmt(partitions: set[TopicPartition]) -> str:
@@ -81,18 +81,24 @@ class IngestWorker:
         self._consumer_factory = consumer_factory
         self._consumer: KafkaConsumer | None = None
         self._stop = threading.Event()
-        self._buffer: list[Any] = []  # polled, not yet processed
-        self._revoked: set[TopicPartition] = set()
+        self._offsets = OffsetTracker()
+        self._done: queue.Queue[ItemResult] = queue.Queue()  # from pipeline threads
+        self._records: dict[tuple[str, int, int], Any] = {}  # in flight, by key
+        self._dlq_unconfirmed: list[tuple[TopicPartition, int]] = []
+        self._staged: StagedPipeline | None = None
         self.ready = threading.Event()
         self.batches_done = 0
         self.revocations = 0  # rebalances that took partitions away from this worker
+        self._last_commit = 0.0
         self._last_activity = time.monotonic()
         self._optimized_since_activity = True
+        # Keep at most a few batches in flight: enough to overlap stages, bounded memory.
+        self.max_in_flight = settings.batch_size * 4
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the loop to finish its current batch and exit. Safe from signal handlers."""
+        """Ask the loop to finish in-flight work and exit. Safe from signal handlers."""
         self._stop.set()
 
     @property
@@ -100,10 +106,26 @@ class IngestWorker:
         return self._stop.is_set()
 
     @property
+    def busy_seconds(self) -> dict[str, float]:
+        """Cumulative busy time of each pipeline stage (for benchmarks)."""
+        return dict(self._staged.busy_seconds) if self._staged else {}
+
+    @property
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment()) if self._consumer else set()
 
     def run(self) -> None:
+        self._staged = StagedPipeline(
+            self.pipeline,
+            on_done=self._done.put,
+            on_batch=self._on_batch,
+            on_retry=lambda stage: metrics.RETRIES.labels(stage).inc(),
+            batch_size=self.settings.batch_size,
+            max_wait_s=self.settings.batch_max_wait_ms / 1000,
+            prepare_workers=self.settings.decode_workers,
+            retry_max_s=self.settings.store_retry_max_s,
+            name=self.name,
+        )
         self._consumer = self._consumer_factory(_Listener(self))
         self.ready.set()
         metrics.READY.set(1)
@@ -111,140 +133,172 @@ class IngestWorker:
                  self.settings.kafka_group_id)
         try:
             while not self._stop.is_set():
-                records = self._collect_batch()
-                if records:
-                    self._handle(records)
-                else:
-                    self._maybe_optimize()
+                self._step()
+            self._drain(self.settings.worker_shutdown_timeout_s)
         except _Stopping:
             log.info("%s: stopped while waiting; uncommitted work will be redelivered", self.name)
         finally:
             self.ready.clear()
+            self._staged.close()
             # autocommit=False: closing must never commit what was not stored.
             self._consumer.close(autocommit=False)
             self._consumer = None
             log.info("%s: consumer closed", self.name)
 
-    # -- batching --------------------------------------------------------------------------
+    def _step(self) -> None:
+        assert self._consumer is not None and self._staged is not None
+        if self._staged.error is not None:
+            raise RuntimeError(f"{self.name}: ingest pipeline failed") from self._staged.error
+        self._settle()
+        self._set_ready(self._staged.ready.is_set())
+        assignment = self._consumer.assignment()
+        full = self._staged.in_flight >= self.max_in_flight
+        if full:
+            # Backpressure: stay in the group (keep polling) without taking more records.
+            self._consumer.pause(*assignment)
+        else:
+            self._consumer.resume(*assignment)
+        polled = self._consumer.poll(timeout_ms=100 if full else 200,
+                                     max_records=self.settings.batch_size)
+        records = [r for batch in polled.values() for r in batch]
+        for record in records:
+            self._accept(record)
+        if records:
+            self._last_activity = time.monotonic()
+            self._optimized_since_activity = False
+        elif not self._staged.in_flight:
+            self._maybe_optimize()
 
-    def _collect_batch(self) -> list[Any]:
-        assert self._consumer is not None
-        size = self.settings.batch_size
-        max_wait = self.settings.batch_max_wait_ms / 1000
-        deadline: float | None = None
-        while (len(self._buffer) < size and not self._stop.is_set()
-               and _bytes(self._buffer) < self.settings.batch_max_bytes):
-            if deadline is None:
-                timeout_ms = 500
+    # -- records in, results out -----------------------------------------------------------------
+
+    def _accept(self, record: Any) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        self._offsets.submitted(tp, record.offset)
+        try:
+            event = parse_event(record.value)
+        except EventError as exc:
+            metrics.EVENTS.labels("invalid").inc()
+            self._failed(record, exc)
+            return
+        key = (record.topic, record.partition, record.offset)
+        self._records[key] = record
+        self._staged.submit(WorkItem(key, event))  # type: ignore[union-attr]
+
+    def _failed(self, record: Any, error: ImgSearchError) -> None:
+        log.warning("%s: bad event at %s[%d]@%d key=%r: %s: %s", self.name, record.topic,
+                    record.partition, record.offset, record.key, error.reason, error)
+        metrics.FAILURES.labels(error.reason, error.stage).inc()
+        self.dead_letters.send(record, error)
+        metrics.DEAD_LETTERS.labels(error.reason).inc()
+        self._dlq_unconfirmed.append((TopicPartition(record.topic, record.partition), record.offset))
+
+    def _settle(self, *, retry: bool = True) -> None:
+        """Take finished results, confirm dead letters, commit what is contiguous.
+
+        ``retry=False`` is for the rebalance callback, which runs inside poll() and so
+        must not poll again: a failure there is raised once instead of waited out.
+        """
+        while True:
+            try:
+                result = self._done.get_nowait()
+            except queue.Empty:
+                break
+            topic, partition, offset = result.item.key  # type: ignore[misc]
+            record = self._records.pop((topic, partition, offset), None)
+            metrics.EVENTS.labels(result.outcome).inc()
+            if result.outcome == "failed" and result.error is not None and record is not None:
+                self._failed(record, result.error)
             else:
-                timeout_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=size - len(self._buffer))
-            for records in polled.values():
-                self._buffer.extend(records)
-            if not self._buffer:
-                return []
-            if deadline is None:
-                deadline = time.monotonic() + max_wait
-            if time.monotonic() >= deadline:
+                self._offsets.finished(TopicPartition(topic, partition), offset)
+        if self._dlq_unconfirmed:
+            if retry:
+                self._retrying("dlq", self.dead_letters.flush)
+            else:
+                self.dead_letters.flush()
+            for tp, offset in self._dlq_unconfirmed:
+                self._offsets.finished(tp, offset)
+            self._dlq_unconfirmed = []
+        if not retry:
+            self._commit()
+        elif time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+            self._retrying("commit", self._commit)
+        in_flight = self._staged.in_flight if self._staged else 0
+        metrics.INFLIGHT.set(-(-in_flight // self.settings.batch_size))
+
+    def _on_batch(self, batch: WriteBatch) -> None:
+        # Runs on the pipeline's write thread: only thread-safe things here.
+        self.batches_done += 1
+        metrics.observe_write(batch)
+        log.info("%s: batch %s", self.name, batch.summary())
+
+    def _commit(self) -> None:
+        assert self._consumer is not None
+        self._last_commit = time.monotonic()
+        owned = self.assignment
+        progress = {tp: o for tp, o in self._offsets.to_commit().items() if tp in owned}
+        if not progress:
+            return
+        try:
+            self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in progress.items()})
+        except CommitFailedError as exc:
+            # The group rebalanced under us. The records are stored; they will be
+            # redelivered to their new owner and overwrite the same points.
+            log.warning("%s: commit refused after a rebalance (%s); records will be replayed",
+                        self.name, exc)
+            return
+        except KafkaError as exc:
+            raise BrokerError(f"offset commit failed: {exc}") from exc
+        self._offsets.committed(progress)
+
+    def _drain(self, timeout_s: float) -> None:
+        """On stop: let in-flight events finish (bounded), then commit them."""
+        assert self._staged is not None
+        deadline = time.monotonic() + timeout_s
+        while self._staged.in_flight and time.monotonic() < deadline:
+            if self._staged.error is not None:
                 break
-        # Cut at the count or the byte bound, whichever comes first (always at least one).
-        cut, total = 0, 0
-        while cut < min(size, len(self._buffer)):
-            total += len(self._buffer[cut].value or b"")
-            if cut and total > self.settings.batch_max_bytes:
-                break
-            cut += 1
-        batch, self._buffer = self._buffer[:cut], self._buffer[cut:]
-        return batch
+            assert self._consumer is not None
+            self._consumer.pause(*self._consumer.assignment())
+            self._consumer.poll(timeout_ms=100)  # stay in the group while finishing
+            self._settle()
+        self._settle()
+        self._last_commit = 0.0
+        self._retrying("commit", self._commit)
+        if self._staged.in_flight:
+            log.warning("%s: stopping with %d events unfinished; they will be redelivered",
+                        self.name, self._staged.in_flight)
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:
             return
-        log.info("%s: revoked %s", self.name, _fmt(revoked))
-        # Polled but unprocessed records go back to the partition's next owner.
-        self._buffer = [
-            r for r in self._buffer if TopicPartition(r.topic, r.partition) not in revoked
-        ]
-        self._revoked |= revoked
         self.revocations += 1
+        log.info("%s: revoked %s", self.name, _fmt(revoked))
+        # Give in-flight events of these partitions a moment to finish and be committed;
+        # whatever is still running after that is replayed by the partitions' next owner.
+        deadline = time.monotonic() + REVOKE_DRAIN_S
+        while self._offsets.in_flight(revoked) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._settle_quietly()
+        self._settle_quietly()
+        self._offsets.forget(revoked)
+        self._records = {k: r for k, r in self._records.items()
+                         if TopicPartition(k[0], k[1]) not in revoked}
 
-    # -- one batch -------------------------------------------------------------------------
-
-    def _handle(self, records: list[Any]) -> None:
-        started = time.monotonic()
-        metrics.INFLIGHT.inc()
+    def _settle_quietly(self) -> None:
         try:
-            self._revoked = set()
-            by_key = {(r.topic, r.partition, r.offset): r for r in records}
-            items: list[WorkItem] = []
-            failed: list[tuple[Any, ImgSearchError]] = []
-            for record in records:
-                try:
-                    event = parse_event(record.value)
-                except EventError as exc:
-                    failed.append((record, exc))
-                    continue
-                items.append(WorkItem((record.topic, record.partition, record.offset), event))
-
-            report = self._retrying("store", lambda: self.pipeline.process(self._live(items)))
-            failed += [(by_key[r.item.key], r.error) for r in report.failures if r.error]
-            for record, error in failed:
-                log.warning(
-                    "%s: bad event at %s[%d]@%d key=%r: %s: %s", self.name, record.topic,
-                    record.partition, record.offset, record.key, error.reason, error,
-                )
-                metrics.FAILURES.labels(error.reason, error.stage).inc()
-            if failed:
-                self._retrying("dlq", lambda: self._dead_letter(failed))
-            metrics.observe_batch(report, invalid=len(records) - len(items))
-            self._retrying("commit", lambda: self._commit(records))
-            self.batches_done += 1
-            metrics.BATCH_SECONDS.observe(time.monotonic() - started)
-            log.info("%s: batch %s invalid=%d", self.name, report.summary(),
-                     len(records) - len(items))
-        finally:
-            metrics.INFLIGHT.dec()
-            self._last_activity = time.monotonic()
-            self._optimized_since_activity = False
-
-    def _live(self, items: list[WorkItem]) -> list[WorkItem]:
-        """Items whose partitions are still ours (a rebalance may happen while retrying)."""
-        if not self._revoked:
-            return items
-        return [it for it in items if TopicPartition(*it.key[:2]) not in self._revoked]  # type: ignore[index]
-
-    def _dead_letter(self, failed: list[tuple[Any, ImgSearchError]]) -> None:
-        for record, error in failed:
-            if TopicPartition(record.topic, record.partition) in self._revoked:
-                continue
-            self.dead_letters.send(record, error)
-        self.dead_letters.flush()
-        for record, error in failed:
-            metrics.DEAD_LETTERS.labels(error.reason).inc()
-
-    def _commit(self, records: list[Any]) -> None:
-        assert self._consumer is not None
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        owned = self.assignment
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            if tp in self._revoked or tp not in owned:
-                continue  # the new owner re-processes it; the write is idempotent
-            if tp not in offsets or record.offset + 1 > offsets[tp].offset:
-                offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
-        if not offsets:
-            return
-        try:
-            self._consumer.commit(offsets)
-        except CommitFailedError as exc:
-            # The group rebalanced under us. The batch is stored; its records will be
-            # redelivered to their new owner and overwrite the same points.
-            log.warning("%s: commit refused after a rebalance (%s); records will be replayed",
+            self._settle(retry=False)
+        except ImgSearchError as exc:
+            log.warning("%s: could not commit during a rebalance (records will be replayed): %s",
                         self.name, exc)
-        except KafkaError as exc:
-            raise BrokerError(f"offset commit failed: {exc}") from exc
 
     # -- waiting out failures ----------------------------------------------------------------
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready:
+            self.ready.set()
+        else:
+            self.ready.clear()
+        metrics.READY.set(1 if ready else 0)
 
     def _retrying(self, stage: str, fn: Callable[[], Any]) -> Any:
         attempt = 0
@@ -257,8 +311,7 @@ class IngestWorker:
                 delay = min(self.settings.store_retry_max_s, 0.5 * 2**attempt)
                 delay *= 0.5 + random.random() / 2  # jitter: workers do not retry in lockstep
                 attempt += 1
-                self.ready.clear()
-                metrics.READY.set(0)
+                self._set_ready(False)
                 metrics.RETRIES.labels(stage).inc()
                 log.warning("%s: %s failed (attempt %d), retrying in %.1fs: %s",
                             self.name, stage, attempt, delay, exc)
@@ -266,27 +319,21 @@ class IngestWorker:
                 continue
             if attempt:
                 log.info("%s: %s recovered after %d retries", self.name, stage, attempt)
-            self.ready.set()
-            metrics.READY.set(1)
+                self._set_ready(True)
             return result
 
     def _wait_in_group(self, seconds: float) -> None:
         """Sleep without leaving the consumer group: pause, keep polling, resume."""
         assert self._consumer is not None
         end = time.monotonic() + seconds
-        while True:
+        while time.monotonic() < end:
             if self._stop.is_set():
                 raise _Stopping()
-            assignment = self._consumer.assignment()
-            self._consumer.pause(*assignment)
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                break
-            polled = self._consumer.poll(timeout_ms=int(min(remaining, 0.5) * 1000))
+            self._consumer.pause(*self._consumer.assignment())
+            polled = self._consumer.poll(timeout_ms=int(min(end - time.monotonic(), 0.5) * 1000))
             for records in polled.values():
-                # Newly assigned partitions are not paused yet: keep their records for later.
-                self._buffer.extend(records)
-        self._consumer.resume(*self._consumer.assignment())
+                for record in records:  # newly assigned partitions are not paused yet
+                    self._accept(record)
 
     def _maybe_optimize(self) -> None:
         idle = time.monotonic() - self._last_activity

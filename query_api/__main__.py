@@ -9,6 +9,7 @@ import sys
 import uvicorn
 
 from query_api.app import create_app
+from query_api.publishing import producer_overrides
 from shared.components import Components
 from shared.config import load_settings
 from shared.errors import ImgSearchError
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def make_publisher() -> EventPublisher:
-        # Bounded so POST /images answers 503 quickly when the broker is down.
-        block_ms = int(settings.api_publish_timeout_s * 1000)
-        return EventPublisher(settings, make_producer(settings, max_block_ms=block_ms))
+        # Bounded so POST /images answers 503 in time when the broker is down.
+        overrides = producer_overrides(settings.api_publish_timeout_s)
+        return EventPublisher(settings, make_producer(settings, **overrides))
 
     app = create_app(components, settings=settings, publisher_factory=make_publisher)
     try:

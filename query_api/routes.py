@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from query_api.uploads import (
 )
 from shared.config import Settings
 from shared.errors import ImgSearchError, StoreError
-from shared.events import MetadataValue, check_metadata, upload_event
+from shared.events import check_metadata, upload_event
 from shared.store.base import Hit
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,13 @@ def _metadata_field(raw: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_metadata", 'metadata must be a JSON object, e.g. {"label": "x"}')
     for key, item in value.items():
-        if not isinstance(item, MetadataValue):  # type: ignore[arg-type]
+        valid = isinstance(item, (str, bool, int)) or (
+            isinstance(item, float) and math.isfinite(item)
+        )
+        if not valid:
             raise ApiError(
                 422, "invalid_metadata",
-                f"metadata value of {key!r} must be a string, number or boolean",
+                f"metadata value of {key!r} must be a string, finite number or boolean",
             )
     try:
         check_metadata(value)

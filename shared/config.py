@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     model_pretrained: bool = True
     device: str = "auto"
     channels_last: bool = True
+    # Mixed precision for the forward pass: auto = bf16 on CUDA GPUs that support it,
+    # else fp16 on CUDA, off on CPU (this CPU class has no fast bf16).
+    embed_amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    torch_compile: bool = False
+    torch_threads: int = Field(0, ge=0, le=512)  # 0: one per core
 
     # --- Batching --------------------------------------------------------------------------
     batch_size: int = Field(32, ge=1, le=4096)
@@ -106,6 +111,8 @@ class Settings(BaseSettings):
     # --- Worker ----------------------------------------------------------------------------
     store_retry_max_s: float = Field(30.0, gt=0)
     worker_concurrency: int = Field(1, ge=1, le=64)
+    # On SIGTERM, in-flight events get this long to be stored and committed.
+    worker_shutdown_timeout_s: float = Field(20.0, ge=0)
     worker_metrics_host: str = "0.0.0.0"
     worker_metrics_port: int = Field(9100, ge=0, le=65535)  # 0 disables the metrics server
     log_level: str = "INFO"

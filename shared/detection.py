@@ -229,7 +229,8 @@ def _download_from_hub(repo_id: str) -> Path:
         files = [f for f in list_repo_files(repo_id) if f.endswith(_WEIGHT_SUFFIXES)]
         if len(files) != 1:
             raise ModelError(
-                f"hub repo {repo_id} holds {len(files)} weight files ({', '.join(files) or 'none'}); "
+                f"hub repo {repo_id} holds {len(files)} weight files "
+                f"({', '.join(files) or 'none'}); "
                 "download the one you want and set DETECTOR_WEIGHTS to its path"
             )
         return Path(hf_hub_download(repo_id, files[0]))
@@ -277,7 +278,9 @@ def _load_checkpoint(path: Path, device: torch.device, trust_pickle: bool) -> _L
             f"cannot load DETECTOR_WEIGHTS={path} as a YOLOv5 checkpoint: "
             f"{type(exc).__name__}: {str(exc)[:400]}.{hint}"
         ) from exc
-    model = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, dict) else None
+    model = None
+    if isinstance(checkpoint, dict):  # training checkpoints keep the EMA weights in "ema"
+        model = checkpoint.get("ema") or checkpoint.get("model")
     head = model.model[-1] if isinstance(model, yolo.DetectionModel) else None
     if type(head) is not yolo.Detect:  # Segment/Classify heads give other outputs
         raise ModelError(
@@ -344,7 +347,7 @@ class Detector:
 
     def __init__(
         self,
-        weights: Path,
+        weights: Path | str,
         *,
         device: str | torch.device = "cpu",
         conf: float = 0.25,
@@ -354,6 +357,7 @@ class Detector:
         max_det: int = 100,
         trust_pickle: bool = False,
     ) -> None:
+        weights = Path(weights)
         if not weights.is_file():
             raise ConfigError(f"DETECTOR_WEIGHTS={weights} does not exist or is not a file")
         self.device = torch.device(device)
@@ -367,6 +371,7 @@ class Detector:
         self.stride = loaded.stride
         if img_size % self.stride:
             raise ConfigError(f"DETECTOR_IMG_SIZE={img_size} must be a multiple of {self.stride}")
+        self.fixed_size = loaded.fixed_size
         # TorchScript exports are traced at one size; checkpoints take any stride multiple.
         self.input_size: tuple[int, int] = loaded.fixed_size or (img_size, img_size)
         self.conf = conf
@@ -422,28 +427,53 @@ class Detector:
             )
         return torch.tensor([self.names.index(c) for c in classes], device=self.device)
 
-    def _letterbox(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[_Placement]]:
-        """Scale each image to fit the input size (keeping its aspect ratio) and centre it
-        on a grey canvas: YOLOv5's letterbox, batched.
+    def _fit(self, size: Size) -> tuple[Size, tuple[int, int]]:
+        """An image's letterboxed size (w, h) and its canvas (h, w).
 
-        The canvas is always the full input size, never shrunk to the batch: an image's
-        boxes must not depend on which other images share its batch, or a photo queried
-        alone would be cropped differently from the same photo ingested in a batch.
+        The canvas depends on the image alone, never on the rest of its batch: a photo
+        queried alone must be cropped exactly as the same photo ingested in a batch. For a
+        checkpoint it is YOLOv5's rectangular inference shape, the fitted image rounded up
+        to the stride (640x480 for a 4:3 photo: a quarter less work than a square);
+        a TorchScript export takes the one size it was traced at.
         """
-        canvas_h, canvas_w = self.input_size
+        width, height = size
+        limit_h, limit_w = self.input_size
+        r = min(limit_w / width, limit_h / height)
+        new_w = max(1, min(limit_w, round(width * r)))
+        new_h = max(1, min(limit_h, round(height * r)))
+        if self.fixed_size:
+            return (new_w, new_h), self.input_size
+        stride = self.stride
+        return (new_w, new_h), (-(-new_h // stride) * stride, -(-new_w // stride) * stride)
+
+    def _letterbox(
+        self, images: Sequence[Image.Image], canvas_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, list[_Placement]]:
+        """Scale each image to fit (keeping its aspect ratio) and centre it on a grey
+        canvas: YOLOv5's letterbox, for a batch of images that share a canvas size."""
+        canvas_h, canvas_w = canvas_size
         canvas = np.full((len(images), canvas_h, canvas_w, 3), PAD_VALUE, dtype=np.uint8)
         placements = []
         for i, image in enumerate(images):
-            w, h = image.size
-            r = min(canvas_w / w, canvas_h / h)
-            new_w, new_h = max(1, min(canvas_w, round(w * r))), max(1, min(canvas_h, round(h * r)))
+            (new_w, new_h), _ = self._fit(image.size)
             resized = image if image.size == (new_w, new_h) else image.resize(
                 (new_w, new_h), Image.Resampling.BILINEAR)
             left, top = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
             canvas[i, top:top + new_h, left:left + new_w] = np.asarray(resized)
-            placements.append(_Placement(w, h, new_w / w, new_h / h, left, top))
+            placements.append(_Placement(image.width, image.height, new_w / image.width,
+                                         new_h / image.height, left, top))
         batch = torch.from_numpy(canvas).to(self.device, non_blocking=True)
         return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous(), placements
+
+    def _forward(self, images: Sequence[Image.Image], canvas_size: tuple[int, int]
+                 ) -> list[tuple[np.ndarray, _Placement]]:
+        batch, placements = self._letterbox(images, canvas_size)
+        with torch.inference_mode():
+            with self._lock:
+                output = self.model(batch)
+            prediction = output[0] if isinstance(output, (list, tuple)) else output
+            rows = [t.cpu().numpy() for t in self._nms(prediction.float())]
+        return list(zip(rows, placements, strict=True))
 
     def _nms(self, prediction: torch.Tensor) -> list[torch.Tensor]:
         """(B, anchors, 5 + classes) raw output to (n, 6) [x0 y0 x1 y1 conf class] per image."""
@@ -465,7 +495,8 @@ class Detector:
     def detect(
         self, images: Sequence[Image.Image], original_sizes: Sequence[Size] | None = None
     ) -> list[list[Detection]]:
-        """Objects in each RGB image, most confident first, in one forward pass.
+        """Objects in each RGB image, most confident first. Images are batched: one
+        forward pass per letterbox shape in the batch (one per aspect ratio, rounded).
 
         ``original_sizes`` gives each original's (width, height) when the images were
         decoded at another scale; boxes are reported in those coordinates.
@@ -476,15 +507,17 @@ class Detector:
             original_sizes = [image.size for image in images]
         if len(original_sizes) != len(images):
             raise ValueError(f"{len(images)} images but {len(original_sizes)} original sizes")
-        batch, placements = self._letterbox(images)
-        with torch.inference_mode():
-            with self._lock:
-                output = self.model(batch)
-            prediction = output[0] if isinstance(output, (list, tuple)) else output
-            per_image = [t.cpu().numpy() for t in self._nms(prediction.float())]
+        # One forward per canvas size; photos of one aspect ratio share one.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(self._fit(image.size)[1], []).append(i)
+        per_image: dict[int, tuple[np.ndarray, _Placement]] = {}
+        for canvas_size, members in groups.items():
+            results = self._forward([images[i] for i in members], canvas_size)
+            per_image.update(zip(members, results, strict=True))
         detections = []
-        for rows, place, (orig_w, orig_h) in zip(per_image, placements, original_sizes,
-                                                strict=True):
+        for i, (orig_w, orig_h) in enumerate(original_sizes):
+            rows, place = per_image[i]
             found = []
             for x0, y0, x1, y1, confidence, label in rows:
                 # letterboxed -> decoded pixels -> original pixels

@@ -100,6 +100,15 @@ def create_backbone(name: str, weights: Path | None, pretrained: bool) -> tuple[
     return model, f"hub:{hub_id}"
 
 
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``, or None for plain fp32."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
 class Embedder:
     """A loaded model plus its preprocessing. ``embed`` is safe to call from several threads;
     forward passes are serialised because one model instance already uses every core."""
@@ -108,20 +117,25 @@ class Embedder:
         self,
         model_name: str,
         *,
-        weights: Path | None = None,
+        weights: Path | str | None = None,
         pretrained: bool = True,
         device: str = "auto",
         channels_last: bool = True,
+        amp: str = "auto",
+        compile: bool = False,
     ) -> None:
         from timm.data import create_transform, resolve_data_config
 
         self.device = resolve_device(device)
-        model, weights_desc = create_backbone(model_name, weights, pretrained)
+        model, weights_desc = create_backbone(
+            model_name, Path(weights) if weights is not None else None, pretrained
+        )
         self.channels_last = channels_last
+        self.amp_dtype = resolve_amp(amp, self.device)
         model = model.eval().to(self.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        self.model = torch.compile(model) if compile else model
         self.data_config = resolve_data_config(model=model)
         self.transform = create_transform(**self.data_config, is_training=False)
         self.dim = int(model.num_features)
@@ -137,12 +151,16 @@ class Embedder:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Embedder:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         return cls(
             settings.model_name,
             weights=settings.model_weights,
             pretrained=settings.model_pretrained,
             device=settings.device,
             channels_last=settings.channels_last,
+            amp=settings.embed_amp,
+            compile=settings.torch_compile,
         )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -155,11 +173,18 @@ class Embedder:
         batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.device.type == "cuda":
+            # Page-locked memory lets the copy run asynchronously with the host.
+            batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with self._lock:
-            features = self.model(batch)
+            if self.amp_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                    features = self.model(batch)
+            else:
+                features = self.model(batch)
         features = torch.nn.functional.normalize(features.float(), dim=1)
         return features.cpu().numpy()
 

@@ -70,11 +70,14 @@ class BatchReport:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """An upload after fetch and decode: ready for the model."""
+
     sha256: str
     tensor: torch.Tensor | None  # None when the stored point is already identical
     fetch_s: float
     decode_s: float
+    record: PointRecord | None = None  # set by embed()
 
 
 class IngestPipeline:
@@ -120,16 +123,47 @@ class IngestPipeline:
                 time.sleep(delay)
                 attempt += 1
 
-    def _prepare(self, event: ImageUploaded, existing: StoredImage | None) -> _Prepared:
+    def existing(self, image_id: str) -> StoredImage | None:
+        """What the store holds for an image, to skip re-embedding identical uploads.
+
+        A store that cannot answer just means no skipping: the write that follows
+        will wait for the store anyway.
+        """
+        if not self.skip_unchanged:
+            return None
+        try:
+            return self.store.get([image_id]).get(image_id)
+        except ImgSearchError as exc:
+            log.debug("cannot look up %s before ingest (%s); embedding it", image_id, exc)
+            return None
+
+    def prepare(self, event: ImageUploaded, existing: StoredImage | None) -> Prepared:
+        """Stage 1: fetch, hash, decode, preprocess. Raises ImgSearchError for a bad event."""
         t0 = time.perf_counter()
         data = self._fetch(event)
         t1 = time.perf_counter()
         digest = sha256_hex(data)
         if existing is not None and self._unchanged(event, digest, existing.payload):
-            return _Prepared(digest, None, t1 - t0, 0.0)
+            return Prepared(digest, None, t1 - t0, 0.0)
         image = decode_image(data, max_pixels=self.max_pixels)
         tensor = self.embedder.preprocess(image)
-        return _Prepared(digest, tensor, t1 - t0, time.perf_counter() - t1)
+        return Prepared(digest, tensor, t1 - t0, time.perf_counter() - t1)
+
+    def embed(self, batch: Sequence[tuple[ImageUploaded, Prepared]]) -> list[PointRecord]:
+        """Stage 2: one forward pass per chunk of embed_batch_size; returns the points."""
+        records: list[PointRecord] = []
+        for i in range(0, len(batch), self.embed_batch_size):
+            chunk = batch[i : i + self.embed_batch_size]
+            vectors = self.embedder.embed([p.tensor for _, p in chunk])  # type: ignore[misc]
+            for (event, prep), vector in zip(chunk, vectors, strict=True):
+                prep.record = PointRecord(event.image_id, vector, self._payload(event, prep.sha256))
+                records.append(prep.record)
+        return records
+
+    def write(self, records: Sequence[PointRecord], deletes: Sequence[str]) -> None:
+        """Stage 3: durable upserts and deletes. StoreError propagates: nothing is done."""
+        self.store.upsert(records)
+        self.store.delete(deletes)
 
     def _unchanged(self, event: ImageUploaded, digest: str, payload: dict[str, Any]) -> bool:
         return (
@@ -153,6 +187,7 @@ class IngestPipeline:
     # -- a batch -----------------------------------------------------------------------------
 
     def process(self, items: Sequence[WorkItem]) -> BatchReport:
+        """Run one batch through every stage, synchronously (batch tools, tests)."""
         start = time.perf_counter()
         report = BatchReport(results=[])
         uploads = [it for it in items if isinstance(it.event, ImageUploaded)]
@@ -163,11 +198,11 @@ class IngestPipeline:
 
         futures = {
             id(it): self._pool.submit(
-                self._prepare, it.event, existing.get(it.event.image_id)  # type: ignore[arg-type]
+                self.prepare, it.event, existing.get(it.event.image_id)  # type: ignore[arg-type]
             )
             for it in uploads
         }
-        prepared: dict[int, _Prepared] = {}
+        prepared: dict[int, Prepared] = {}
         results: dict[int, ItemResult] = {}
         for it in uploads:
             try:
@@ -189,22 +224,12 @@ class IngestPipeline:
             it for it in final.values() if id(it) in prepared and prepared[id(it)].tensor is not None
         ]
         t0 = time.perf_counter()
-        records: list[PointRecord] = []
-        for i in range(0, len(to_embed), self.embed_batch_size):
-            chunk = to_embed[i : i + self.embed_batch_size]
-            vectors = self.embedder.embed([prepared[id(it)].tensor for it in chunk])  # type: ignore[misc]
-            for it, vector in zip(chunk, vectors, strict=True):
-                event = it.event
-                assert isinstance(event, ImageUploaded)
-                records.append(
-                    PointRecord(event.image_id, vector, self._payload(event, prepared[id(it)].sha256))
-                )
+        records = self.embed([(it.event, prepared[id(it)]) for it in to_embed])  # type: ignore[misc]
         report.stage_seconds["embed"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         deletes = [it.event.image_id for it in final.values() if isinstance(it.event, ImageDeleted)]
-        self.store.upsert(records)  # StoreError propagates: the batch is not done
-        self.store.delete(deletes)
+        self.write(records, deletes)
         report.stage_seconds["upsert"] = time.perf_counter() - t0
 
         for it in items:

@@ -26,7 +26,6 @@ from PIL import Image
 from shared.config import load_settings
 from shared.detection import (
     INSTALL_HINT,
-    Crop,
     Cropper,
     Detection,
     Detector,
@@ -88,7 +87,9 @@ def assert_same_detections(a: Sequence[Detection], b: Sequence[Detection], *,
         ([(0, 0, 20, 20)], (0, 0, 20, 20)),
     ],
 )
-def test_largest_picks_the_largest_box(boxes: list[tuple[int, ...]], expected: tuple[int, ...]) -> None:
+def test_largest_picks_the_largest_box(
+    boxes: list[tuple[int, ...]], expected: tuple[int, ...]
+) -> None:
     crops = select_crops([det(b) for b in boxes], "largest", (200, 100))
     assert [c.box for c in crops] == [tuple(float(v) for v in expected)]
     assert not crops[0].whole and crops[0].detection is not None
@@ -212,14 +213,11 @@ def found(detector: Detector, photos: dict[str, Image.Image]) -> dict[str, list[
 
 
 def test_bus_has_a_bus_and_several_people(found: dict[str, list[Detection]]) -> None:
-    counts = classes(found["bus"])
-    assert counts.get("bus") == 1 and counts.get("person", 0) >= 3, counts
-    assert set(counts) <= {"bus", "person"}, counts
+    assert classes(found["bus"]) == {"bus": 1, "person": 4}
 
 
 def test_zidane_has_people_and_a_tie(found: dict[str, list[Detection]]) -> None:
-    counts = classes(found["zidane"])
-    assert counts.get("person", 0) >= 2 and counts.get("tie", 0) >= 1, counts
+    assert classes(found["zidane"]) == {"person": 2, "tie": 1}
     tie = next(d for d in found["zidane"] if d.class_name == "tie")
     # The tie hangs below the face of the man on the left, well inside the 1280x720 frame.
     assert 400 < tie.box[0] < tie.box[2] < 520 and 400 < tie.box[1] < tie.box[3] <= 720
@@ -297,22 +295,23 @@ def test_a_batch_gives_the_same_boxes_as_one_by_one(
 
 
 def test_agrees_with_the_yolov5_packages_own_inference(
-    yolo_weights: Path, detector: Detector, photos: dict[str, Image.Image], found: dict[str, list[Detection]]
+    yolo_weights: Path, photos: dict[str, Image.Image], found: dict[str, list[Detection]]
 ) -> None:
     """The letterbox and NMS here are our own (batched); YOLOv5's AutoShape is the
-    reference. Its letterbox pads to a rectangle, ours to the full square, so the
-    confident objects must agree, not every marginal one."""
+    reference. Both letterbox to the same rectangle; they resize with different libraries
+    (Pillow here, OpenCV there), so boxes agree closely, not to the pixel."""
     from yolov5.models.common import AutoShape
 
-    reference = AutoShape(Detector(yolo_weights).model)  # AutoShape retunes the head it wraps
+    fresh = Detector(yolo_weights)
+    reference = AutoShape(fresh.model)  # a fresh copy: AutoShape retunes the head it wraps
     for name, image in photos.items():
         with warnings.catch_warnings():
             # AutoShape calls torch.cuda.amp.autocast, which torch 2.15 deprecates.
             warnings.filterwarnings("ignore", category=FutureWarning, module="yolov5")
             frame = reference(image, size=640).xyxy[0].cpu().numpy()
         theirs = [Detection(tuple(float(v) for v in row[:4]), float(row[4]),  # type: ignore[arg-type]
-                            detector.names[int(row[5])]) for row in frame]
-        assert_same_detections(found[name], theirs, min_iou=0.85, min_conf=0.6)
+                            fresh.names[int(row[5])]) for row in frame]
+        assert_same_detections(found[name], theirs, min_iou=0.9, min_conf=0.3)
 
 
 def test_class_allow_list(yolo_weights: Path, photos: dict[str, Image.Image]) -> None:
@@ -344,8 +343,9 @@ def test_torchscript_export_runs_without_the_package(
     yolo_weights: Path, photos: dict[str, Image.Image], found: dict[str, list[Detection]],
     tmp_path: Path,
 ) -> None:
-    """A TorchScript file from YOLOv5's exporter gives the same boxes, in a process
-    where the yolov5 package cannot be imported at all."""
+    """A TorchScript file from YOLOv5's exporter finds the same objects, in a process
+    where the yolov5 package cannot be imported at all. (It is traced at 640x640, so it
+    letterboxes to that square rather than to the photo's rectangle.)"""
     import torch
     from yolov5.export import export_torchscript
     from yolov5.models.yolo import Detect
@@ -378,9 +378,8 @@ print(json.dumps([[[d.box, d.confidence, d.class_name] for d in found]
     assert run.returncode == 0, run.stderr[-3000:]
     for name, rows in zip(photos, json.loads(run.stdout), strict=True):
         scripted = [Detection(tuple(box), conf, cls) for box, conf, cls in rows]
-        assert [d.class_name for d in scripted] == [d.class_name for d in found[name]]
-        for a, b in zip(scripted, found[name], strict=True):
-            assert np.allclose(a.box, b.box, atol=1.0) and abs(a.confidence - b.confidence) < 1e-3
+        assert_same_detections(found[name], scripted, min_iou=0.85, min_conf=0.6)
+        assert classes(scripted).get("person", 0) >= 2
 
 
 # -- what cropping changes: a bird pasted small into an unrelated photo ----------------------

@@ -69,14 +69,11 @@ def test_twenty_kills_lose_nothing_and_keep_the_last_version(
     originals = all_photos[:2800]
     updated = rng.sample(originals, 300)  # a second version of these comes later in the stream
     events = [upload(f, version=1) for f in originals]
-    last_event: dict[str, str] = {}
-    for e in events:
-        last_event[e["data"]["image_id"]] = e["id"]
     v2 = [upload(f, version=2) for f in updated]
-    for e in v2:
-        last_event[e["data"]["image_id"]] = e["id"]
     stream = events[:1500] + v2[:150] + events[1500:] + v2[150:]
     assert len(stream) >= 3000
+    # What each image must end as: its last event in stream order (some v2 precede their v1).
+    last_event = {e["data"]["image_id"]: e for e in stream}
     ends = publish(settings, stream)
 
     log = tmp_path / "worker.log"
@@ -107,11 +104,12 @@ def test_twenty_kills_lose_nothing_and_keep_the_last_version(
         assert components.store.count() == len(ids), "lost or duplicate points"
         stored = components.store.get(ids)
         lost = sorted(set(ids) - set(stored))
-        stale = sorted(i for i, s in stored.items() if s.payload["event_id"] != last_event[i])
+        stale = sorted(i for i, s in stored.items() if s.payload["event_id"] != last_event[i]["id"])
         print(f"events={len(stream)} images={len(ids)} lost={len(lost)} stale={len(stale)}")
         assert lost == [] and stale == []
         for f in updated:
-            assert stored[f.image_id].payload["metadata"]["version"] == 2
+            want = last_event[f.image_id]["data"]["metadata"]["version"]
+            assert stored[f.image_id].payload["metadata"]["version"] == want
     finally:
         components.close()
 

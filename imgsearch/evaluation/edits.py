@@ -78,24 +78,32 @@ def _combined(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 class Edit:
     name: str
     description: str
+    detail: str
     apply: EditFn
 
 
 EDITS: dict[str, Edit] = {
     e.name: e
     for e in (
-        Edit("half", "half size", _half),
-        Edit("crop80", "centre crop 80%", lambda im, rng: _centre_crop(im, 0.8)),
-        Edit("crop60", "centre crop 60%", lambda im, rng: _centre_crop(im, 0.6)),
-        Edit("jpeg30", "JPEG quality 30", lambda im, rng: _jpeg(im, 30)),
-        Edit("brightness", "brightness x1.3",
+        Edit("half", "half size", "resize to half width and height, bicubic", _half),
+        Edit("crop80", "crop 80%", "keep the centre 80% of width and height (64% of the area)",
+             lambda im, rng: _centre_crop(im, 0.8)),
+        Edit("crop60", "crop 60%", "keep the centre 60% of width and height (36% of the area)",
+             lambda im, rng: _centre_crop(im, 0.6)),
+        Edit("jpeg30", "JPEG q30", "re-encode as JPEG at quality 30",
+             lambda im, rng: _jpeg(im, 30)),
+        Edit("brightness", "brightness", "brightness x1.3 (PIL ImageEnhance.Brightness)",
              lambda im, rng: ImageEnhance.Brightness(im).enhance(1.3)),
-        Edit("greyscale", "greyscale", lambda im, rng: ImageOps.grayscale(im).convert("RGB")),
-        Edit("text", "text overlay", _text),
-        Edit("hflip", "horizontal flip", lambda im, rng: ImageOps.mirror(im)),
-        Edit("rotate10", "rotate 10°",
+        Edit("greyscale", "greyscale", "luminance only, as 3 equal RGB channels",
+             lambda im, rng: ImageOps.grayscale(im).convert("RGB")),
+        Edit("text", "text overlay",
+             f"'{OVERLAY_TEXT}' in white, black outline, 1/8 of the height, seeded position",
+             _text),
+        Edit("hflip", "horizontal flip", "mirror left-right", lambda im, rng: ImageOps.mirror(im)),
+        Edit("rotate10", "rotate 10°", "10 degrees anticlockwise, same canvas, black corners",
              lambda im, rng: im.rotate(10, resample=Image.Resampling.BICUBIC, expand=False)),
-        Edit("combined", "half + crop 80% + JPEG q30", _combined),
+        Edit("combined", "half + crop 80% + JPEG q30", "half, then crop80, then jpeg30",
+             _combined),
     )
 }
 

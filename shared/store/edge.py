@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import qdrant_edge as qe
 
-from shared.errors import StoreError
+from shared.errors import ConfigError, StoreError
 from shared.store.base import (
     CollectionSpec,
     Filters,
@@ -86,7 +86,7 @@ class EdgeStore(VectorStore):
     def _call(self, fn: Callable[[], T], what: str) -> T:
         try:
             return fn()
-        except StoreError:
+        except (StoreError, ConfigError):  # ours already: a config error is not retriable
             raise
         except Exception as exc:  # the binding raises plain Exception with the engine's text
             text = str(exc)

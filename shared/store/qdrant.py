@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from shared.errors import StoreError
+from shared.errors import ConfigError, StoreError
 from shared.store.base import (
     CollectionSpec,
     Filters,
@@ -80,7 +80,7 @@ class QdrantStore(VectorStore):
     def _call(self, fn: Callable[[], T], what: str) -> T:
         try:
             return fn()
-        except StoreError:
+        except (StoreError, ConfigError):  # ours already: a config error is not retriable
             raise
         except Exception as exc:  # qdrant-client raises httpx, grpc and its own errors
             raise StoreError(f"Qdrant {what} failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""``imgsearch eval``: measure retrieval quality, speed and memory on a labelled dataset."""

@@ -1,0 +1,253 @@
+"""`imgsearch up`: the whole system in one process, driven as a user would, over HTTP.
+
+A subprocess runs `imgsearch up` with its own Tansu broker, the embedded store, the real
+mobilenetv2_100 weights and real bird photos. Stopping it by signal must leave no broker
+process behind and nothing half-written in the store.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import MOBILENET, REPO, free_port
+
+SPECIES = ("Blue_Jay", "Painted_Bunting", "American_Goldfinch", "Horned_Puffin")
+START_TIMEOUT_S = 180.0
+INDEX_TIMEOUT_S = 300.0
+
+
+class UpProcess:
+    """`imgsearch up` in a subprocess; its output lines are collected as they come."""
+
+    def __init__(self, paths: list[Path], data: Path, weights: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("KAFKA_", "QDRANT_", "MODEL_", "API_"))
+               and k not in ("IMAGE_FILE_ROOTS", "LOG_LEVEL", "WORKER_METRICS_PORT")}
+        env.update(MODEL_NAME=MOBILENET, MODEL_WEIGHTS=str(weights), DEVICE="cpu",
+                   PYTHONUNBUFFERED="1")
+        self.log = log
+        self.lines: list[str] = []
+        self._new: queue.Queue[str] = queue.Queue()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "imgsearch", "up", *map(str, paths), "--data-dir", str(data),
+             "--port", str(self.port)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            errors="replace",
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        with self.log.open("a") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                # tqdm redraws with \r: the last state of a bar is what counts.
+                for part in line.rstrip("\n").split("\r"):
+                    self.lines.append(part)
+                    self._new.put(part)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout_s: float) -> re.Match[str]:
+        regex = re.compile(pattern)
+        for line in list(self.lines):
+            if match := regex.search(line):
+                return match
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._new.get(timeout=0.5)
+            except queue.Empty:
+                if self.process.poll() is not None and self._new.empty():
+                    break
+                continue
+            if match := regex.search(line):
+                return match
+        raise AssertionError(f"no line matching {pattern!r} within {timeout_s}s "
+                             f"(exit {self.process.poll()}); output:\n{self.output[-4000:]}")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"`imgsearch up` exited with {self.process.returncode}:\n"
+                                     f"{self.output[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"/readyz not 200 within {START_TIMEOUT_S}s:\n{self.output[-4000:]}")
+
+    @property
+    def broker_pid(self) -> int:
+        return int(self.wait_for_line(r"broker:  local Tansu, pid (\d+)", 60).group(1))
+
+    def stop(self, sig: signal.Signals, timeout_s: float = 90.0) -> int:
+        self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"`imgsearch up` did not stop within {timeout_s}s after "
+                                 f"{sig.name}:\n{self.output[-4000:]}") from None
+        self._reader.join(10)
+        return code
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def process_gone(pid: int) -> bool:
+    """True when no process has this pid (a zombie still counts as there)."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+@pytest.fixture
+def photos(tmp_path: Path, birds: Path) -> Path:
+    root = tmp_path / "photos"
+    for species in SPECIES:
+        shutil.copytree(birds / species, root / species)
+    return root
+
+
+@pytest.fixture
+def start(tmp_path: Path, mobilenet_weights: Path) -> Iterator[Any]:
+    started: list[UpProcess] = []
+
+    def run(paths: list[Path], data: Path) -> UpProcess:
+        up = UpProcess(paths, data, mobilenet_weights, tmp_path / "up.log")
+        started.append(up)
+        return up
+
+    yield run
+    for up in started:
+        up.close()
+
+
+def search(url: str, photo: Path) -> list[dict[str, Any]]:
+    response = httpx.post(f"{url}/search", params={"limit": 5}, content=photo.read_bytes(),
+                          headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["hits"]
+
+
+def count(url: str) -> int:
+    return int(httpx.get(f"{url}/count", timeout=30).json()["count"])
+
+
+def test_up_indexes_serves_and_restarts_without_reindexing(
+        start: Any, photos: Path, tmp_path: Path) -> None:
+    good = sorted(photos.rglob("*.jpg"))
+    broken = photos / "Horned_Puffin" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated: not a whole JPEG")
+    data = tmp_path / "data"
+
+    # First run: everything is new.
+    up = start([photos], data)
+    t0 = time.monotonic()
+    up.wait_ready()
+    ready_s = time.monotonic() - t0
+    assert f"search:  {up.url}/" in up.output
+    broker = up.broker_pid
+    done = up.wait_for_line(r"indexed: (\d+) stored, (\d+) unchanged, (\d+) failed",
+                            INDEX_TIMEOUT_S)
+    assert tuple(map(int, done.groups())) == (len(good), 0, 1)
+    assert up.wait_for_line(rf"{re.escape(str(broken.resolve()))}: undecodable: ", 5)
+    up.wait_for_line(r"^ready: ", 30)
+    print(f"\nfirst run: /readyz after {ready_s:.1f}s, indexed {len(good)} in "
+          f"{time.monotonic() - t0:.1f}s from start")
+    assert count(up.url) == len(good)
+
+    probe = good[len(good) // 2]
+    hits = search(up.url, probe)
+    assert hits[0]["image_id"] == f"photos/{probe.relative_to(photos).as_posix()}"
+    assert hits[0]["score"] > 0.999
+    assert hits[0]["metadata"] == {"label": probe.parent.name}
+
+    assert up.stop(signal.SIGINT) == 0, up.output[-4000:]
+    assert "stopped cleanly" in up.output
+    assert process_gone(broker), f"broker pid {broker} outlived `imgsearch up`"
+
+    # Second run on the same data directory: the photos are served without being indexed
+    # again; only the file that failed is tried again.
+    again = start([photos], data)
+    again.wait_ready()
+    second_broker = again.broker_pid
+    again.wait_for_line(rf"images:  {len(good) + 1} under .*: {len(good)} already indexed, "
+                        r"1 to index", 120)
+    again.wait_for_line(r"^indexed: 0 stored, 0 unchanged, 1 failed", INDEX_TIMEOUT_S)
+    again.wait_for_line(r"^ready: ", 30)
+    assert count(again.url) == len(good)
+    hits = search(again.url, probe)
+    assert hits[0]["image_id"] == f"photos/{probe.relative_to(photos).as_posix()}"
+
+    assert again.stop(signal.SIGTERM) == 0, again.output[-4000:]
+    assert process_gone(second_broker)
+
+
+def test_up_stopped_mid_indexing_leaves_a_consistent_store_and_resumes(
+        start: Any, photos: Path, tmp_path: Path, embedder: Any) -> None:
+    from shared.components import collection_spec
+    from shared.config import load_settings
+    from shared.images import sha256_hex
+    from shared.store.edge import EdgeStore
+
+    good = sorted(photos.rglob("*.jpg"))
+    data = tmp_path / "data"
+    up = start([photos], data)
+    up.wait_ready()
+    broker = up.broker_pid
+    deadline = time.monotonic() + INDEX_TIMEOUT_S
+    while not 0 < count(up.url) < len(good):
+        assert time.monotonic() < deadline, up.output[-4000:]
+        time.sleep(0.1)
+    assert up.stop(signal.SIGTERM) == 0, up.output[-4000:]
+    assert process_gone(broker)
+    assert "indexing interrupted after" in up.output
+
+    # Every point in the store is whole: the right bytes' hash for its file.
+    settings = load_settings(qdrant_path=data, model_name=MOBILENET)
+    with EdgeStore(data, collection_spec(settings, embedder)) as store:
+        stored_n = store.count()
+        by_id = {f"photos/{p.relative_to(photos).as_posix()}": p for p in good}
+        stored = store.get(list(by_id))
+    assert 0 < stored_n < len(good) and len(stored) == stored_n
+    for image_id, point in stored.items():
+        assert point.payload["sha256"] == sha256_hex(by_id[image_id].read_bytes())
+
+    # The next run indexes exactly the rest.
+    again = start([photos], data)
+    again.wait_ready()
+    again.wait_for_line(rf"{stored_n} already indexed, {len(good) - stored_n} to index", 120)
+    again.wait_for_line(rf"^indexed: {len(good) - stored_n} stored, 0 unchanged, 0 failed",
+                        INDEX_TIMEOUT_S)
+    assert count(again.url) == len(good)
+    assert again.stop(signal.SIGINT) == 0
