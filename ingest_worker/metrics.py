@@ -56,7 +56,7 @@ LAG_ERRORS = Counter(
 MODEL = Info("imgsearch_ingest_model", "The embedding model and device of this worker.")
 
 OUTCOMES = ("stored", "deleted", "unchanged", "failed", "invalid")
-RETRY_STAGES = ("store", "dlq")
+RETRY_STAGES = ("store", "dlq", "commit")
 
 # Known label values start at 0, so the first increment shows in rate() and increase()
 # (a series born at 1 has no earlier sample to differ from) and panels are never empty.

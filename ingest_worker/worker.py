@@ -30,6 +30,7 @@ from kafka.structs import OffsetAndMetadata
 
 from ingest_worker import metrics
 from ingest_worker.dead_letters import DeadLetterQueue
+from ingest_worker.lag import LagReporter
 from ingest_worker.offsets import OffsetTracker
 from shared.config import Settings
 from shared.errors import BrokerError, EventError, ImgSearchError
@@ -86,6 +87,7 @@ class IngestWorker:
         self._records: dict[tuple[str, int, int], Any] = {}  # in flight, by key
         self._dlq_unconfirmed: list[tuple[TopicPartition, int]] = []
         self._staged: StagedPipeline | None = None
+        self._lag: LagReporter | None = None
         self.ready = threading.Event()
         self.batches_done = 0
         self.revocations = 0  # rebalances that took partitions away from this worker
@@ -127,6 +129,7 @@ class IngestWorker:
             name=self.name,
         )
         self._consumer = self._consumer_factory(_Listener(self))
+        self._lag = LagReporter(self._consumer)
         self.ready.set()
         metrics.READY.set(1)
         log.info("%s: consuming %s as group %r", self.name, self.settings.kafka_topic,
@@ -139,10 +142,13 @@ class IngestWorker:
             log.info("%s: stopped while waiting; uncommitted work will be redelivered", self.name)
         finally:
             self.ready.clear()
+            if self._lag is not None:
+                self._lag.clear()
             self._staged.close()
-            # autocommit=False: closing must never commit what was not stored.
-            self._consumer.close(autocommit=False)
-            self._consumer = None
+            if self._consumer is not None:
+                # autocommit=False: closing must never commit what was not stored.
+                self._consumer.close(autocommit=False)
+                self._consumer = None
             log.info("%s: consumer closed", self.name)
 
     def _step(self) -> None:
@@ -168,6 +174,7 @@ class IngestWorker:
             self._optimized_since_activity = False
         elif not self._staged.in_flight:
             self._maybe_optimize()
+        self._lag.maybe_report()  # type: ignore[union-attr]
 
     # -- records in, results out -----------------------------------------------------------------
 
@@ -334,6 +341,8 @@ class IngestWorker:
             for records in polled.values():
                 for record in records:  # newly assigned partitions are not paused yet
                     self._accept(record)
+            if self._lag is not None:
+                self._lag.maybe_report()
 
     def _maybe_optimize(self) -> None:
         idle = time.monotonic() - self._last_activity

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         return EventPublisher(settings, make_producer(settings, **overrides))
 
     app = create_app(components, settings=settings, publisher_factory=make_publisher)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
+    # handlers it found. Ours only notes it, so the store is closed below and we exit 0.
+    received: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
     try:
         uvicorn.run(
             app,
@@ -60,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         components.close()
+    if received:
+        log.info("stopped on %s", signal.Signals(received[0]).name)
     return 0
 
 

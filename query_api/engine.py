@@ -117,6 +117,8 @@ class QueryEngine:
         self, vector: np.ndarray, params: SearchParams, *, exclude: Sequence[str] = ()
     ) -> tuple[list[Hit], float]:
         started = time.perf_counter()
+        if params.contradictory:
+            return [], 0.0
         hits = await anyio.to_thread.run_sync(
             partial(
                 self.store.search,

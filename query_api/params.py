@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Query
+from pydantic import StringConstraints
 
 from query_api.errors import ApiError
 from shared.config import Settings
@@ -15,6 +16,10 @@ from shared.events import METADATA_KEY_PATTERN
 
 MAX_FILTERS = 16
 _INT = re.compile(r"^-?\d{1,18}$")
+# key=value, the key as metadata keys are (shared/events.py); documented in the OpenAPI spec.
+# Only the start is anchored: the value may be any text, newlines included.
+FILTER_PATTERN = METADATA_KEY_PATTERN.removesuffix("$") + "="
+FilterItem = Annotated[str, StringConstraints(pattern=FILTER_PATTERN)]
 
 FILTER_HELP = (
     "Metadata filter `key=value`, repeatable; several filters are ANDed. "
@@ -30,6 +35,8 @@ class SearchParams:
     score_threshold: float | None = None
     filters: dict[str, Any] = field(default_factory=dict)
     with_metadata: bool = True
+    # Two filters on one key with different values: ANDed, nothing can match.
+    contradictory: bool = False
 
 
 def parse_filter_value(raw: str) -> str | int | bool:
@@ -42,8 +49,10 @@ def parse_filter_value(raw: str) -> str | int | bool:
     return raw
 
 
-def parse_filters(items: list[str]) -> dict[str, Any]:
+def parse_filters(items: list[str]) -> tuple[dict[str, Any], bool]:
+    """The filters, and whether they contradict each other (same key, other value)."""
     filters: dict[str, Any] = {}
+    contradictory = False
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -56,13 +65,11 @@ def parse_filters(items: list[str]) -> dict[str, Any]:
                 f"filter key {key!r} must match {METADATA_KEY_PATTERN} "
                 "(letters, digits, '_' and '-', starting with a letter or '_')",
             )
-        if key in filters:
-            raise ApiError(
-                422, "invalid_filter",
-                f"filter key {key!r} appears twice; filters are ANDed, so it could never match",
-            )
-        filters[key] = parse_filter_value(raw)
-    return filters
+        value = parse_filter_value(raw)
+        if key in filters and filters[key] != value:
+            contradictory = True
+        filters[key] = value
+    return filters, contradictory
 
 
 def search_params_dependency(settings: Settings) -> Callable[..., SearchParams]:
@@ -79,11 +86,12 @@ def search_params_dependency(settings: Settings) -> Callable[..., SearchParams]:
             None, ge=-1.0, le=1.0, allow_inf_nan=False,
             description="Only hits with at least this cosine similarity.",
         ),
-        filter: list[str] = Query(  # noqa: A002 - the public parameter name
+        filter: list[FilterItem] = Query(  # noqa: A002 - the public parameter name
             [], max_length=MAX_FILTERS, description=FILTER_HELP
         ),
         with_metadata: bool = Query(True, description="Include each hit's metadata."),
     ) -> SearchParams:
-        return SearchParams(limit, offset, score_threshold, parse_filters(filter), with_metadata)
+        filters, contradictory = parse_filters(filter)
+        return SearchParams(limit, offset, score_threshold, filters, with_metadata, contradictory)
 
     return search_params

@@ -26,7 +26,6 @@ from query_api.params import SearchParams, search_params_dependency
 from query_api.publishing import Publishing
 from query_api.schemas import (
     CountResponse,
-    ErrorResponse,
     HealthResponse,
     QueryTiming,
     ReadyResponse,
@@ -343,5 +342,3 @@ def build_router(service: Service) -> APIRouter:
 
     return router
 
-
-__all__ = ["Service", "build_router", "ErrorResponse"]

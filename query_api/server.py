@@ -28,6 +28,8 @@ class BackgroundServer:
         return f"http://{host}:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> BackgroundServer:
+        if self._thread is not None:
+            raise RuntimeError(f"the API server on {self.url} is already running")
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout_s

@@ -6,14 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System tools the tests drive for real: Chromium (web page), Prometheus (promtool, scraping).
-if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then
+if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null || ! command -v amtool >/dev/null; then
   if command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    echo "installing chromium and prometheus with apt-get" >&2
+    echo "installing chromium, prometheus and alertmanager with apt-get" >&2
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium prometheus prometheus-alertmanager >/dev/null
   else
-    echo "tests need chromium and prometheus (promtool) on PATH; install them first" >&2
+    echo "tests need chromium, prometheus (promtool) and alertmanager (amtool) on PATH; install them first" >&2
     exit 1
   fi
 fi

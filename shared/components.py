@@ -10,7 +10,7 @@ from shared.embedding import Embedder
 from shared.fetch import ImageFetcher
 from shared.pipeline import IngestPipeline
 from shared.reduction import reduction_spec
-from shared.store.base import CollectionSpec, VectorStore
+from shared.store.base import DEFAULT_OVERSAMPLING, CollectionSpec, VectorStore
 from shared.store.factory import open_store
 from shared.store.projected import ProjectedStore
 
@@ -27,7 +27,8 @@ def collection_spec(settings: Settings, embedder: Embedder) -> CollectionSpec:
         reduction=reduction,
         quantization=settings.quantization,
         rescore=settings.quantization_rescore,
-        oversampling=settings.quantization_oversampling,
+        oversampling=(settings.quantization_oversampling
+                      or DEFAULT_OVERSAMPLING.get(settings.quantization)),
         indexing_threshold_kb=settings.vector_indexing_threshold_kb,
     )
 

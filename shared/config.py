@@ -61,14 +61,15 @@ class Settings(BaseSettings):
     # random: a seeded random orthogonal projection to VECTOR_DIM (VECTOR_DIM = the model's
     # dimension is a rotation, which binary quantization needs). pca: principal axes fitted
     # on gallery vectors; creating such a collection needs VECTOR_REDUCTION_FILE (written by
-    # `imgsearch eval DATASET --reduction pca:N --save-reduction FILE`); later opens read
+    # `imgsearch eval DATASET --variants pca:N --save-reductions DIR`); later opens read
     # the projection from the collection itself.
     vector_reduction: Literal["none", "random", "pca"] = "none"
     vector_dim: int | None = Field(None, ge=1)
     vector_reduction_seed: int = Field(0, ge=0)
     vector_reduction_file: Path | None = None
-    # Qdrant quantization of the stored vectors; the float32 originals stay (on disk) for
-    # rescoring. Query-time: rescore the candidates with the originals, oversampling x limit.
+    # Qdrant quantization of the stored vectors; the float32 originals are kept for
+    # rescoring. Query-time: rescore OVERSAMPLING x limit candidates with the originals
+    # (unset: 4 for binary, Qdrant's default of 1 for int8).
     quantization: Literal["none", "int8", "binary"] = "none"
     quantization_rescore: bool = True
     quantization_oversampling: float | None = Field(None, ge=1.0, le=100.0)

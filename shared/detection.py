@@ -11,9 +11,10 @@ Two ways to run the model:
 * a TorchScript file exported by YOLOv5's ``export.py --include torchscript``, which needs
   torch only: the package-free path.
 
-Both share the letterbox preprocessing and NMS below (torchvision's batched NMS), so they
-give the same boxes. YOLOv5's own ``non_max_suppression`` is not used: it stops after a
-wall-clock limit and silently returns nothing for the rest of a batch on a slow CPU.
+Both go through the letterbox preprocessing and NMS below (torchvision's batched NMS);
+a TorchScript export is traced at one square size, a checkpoint takes each photo's own
+rectangle. YOLOv5's own ``non_max_suppression`` is not used: it stops after a wall-clock
+limit and silently returns nothing for the rest of a batch on a slow CPU.
 
 YOLOv5's code and weights are AGPL-3.0; see docs/detection.md.
 """
@@ -27,6 +28,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import re
 import sys
 import threading
@@ -142,9 +144,14 @@ def crop(image: Image.Image, box: Box, original_size: Size | None = None) -> Ima
 def _process_state_kept() -> Iterator[None]:
     """Importing yolov5 (and ultralytics, which it imports) sets OMP_NUM_THREADS and other
     variables, and appends its folder to sys.path. Those would reach our thread pools and
-    every child process; an optional detector must not retune the whole product."""
+    every child process; an optional detector must not retune the whole product.
+
+    ultralytics also resolves public DNS names on import to decide whether it is online
+    (for update checks and analytics we never call); YOLO_OFFLINE skips that, so loading
+    the detector sends nothing over the network."""
     environ = dict(os.environ)
     path = list(sys.path)
+    os.environ["YOLO_OFFLINE"] = "true"
     try:
         yield
     finally:
@@ -188,6 +195,23 @@ def _allowed_globals(modules: Sequence[Any]) -> list[Any]:
     allowed += [obj for obj in vars(torch.nn).values()
                 if inspect.isclass(obj) and issubclass(obj, torch.nn.Module)]
     return allowed
+
+
+class _YoloUnpickler(pickle.Unpickler):
+    """Checkpoints written in the ultralytics/yolov5 repository name its top-level
+    ``models``/``utils`` packages; the installed package calls them ``yolov5.models``..."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] in ("models", "utils"):
+            module = f"yolov5.{module}"
+        return super().find_class(module, name)
+
+
+class _YoloPickle:
+    """The pickle module torch.load uses for a trusted checkpoint."""
+
+    Unpickler = _YoloUnpickler
+    load = staticmethod(pickle.load)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -265,7 +289,8 @@ def _load_checkpoint(path: Path, device: torch.device, trust_pickle: bool) -> _L
         if trust_pickle:
             # DETECTOR_TRUST_PICKLE: the operator vouches for this one configured file,
             # so full unpickling (which can run code from the file) is allowed for it alone.
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False,
+                                    pickle_module=_YoloPickle)
         else:
             with torch.serialization.safe_globals(_allowed_globals([common, yolo, experimental])):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -381,6 +406,9 @@ class Detector:
         self._class_ids = self._class_indices(self.classes)
         self.weights_digest = _file_digest(weights)
         self._lock = threading.Lock()
+        log.info("detector %s (%s, %d classes) on %s, input %s, conf %.2f, classes %s",
+                 weights.name, self.backend, len(self.names), self.device, self.input_size,
+                 conf, ",".join(self.classes) or "all")
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: str | torch.device) -> Detector | None:

@@ -174,7 +174,7 @@ class Reduction:
         except (KeyError, ValueError, OSError) as exc:
             raise ConfigError(
                 f"{path} is not a reduction file written by imgsearch ({exc}); make one with "
-                "`imgsearch eval DATASET --reduction pca:N --save-reduction FILE`"
+                "`imgsearch eval DATASET --variants pca:N --save-reductions DIR`"
             ) from exc
 
 

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import MOBILENET, free_port
-
 from shared.components import Components
 from shared.config import Settings, load_settings
 from shared.events import ImageUploaded
 from shared.pipeline import WorkItem
+from tests.conftest import MOBILENET, free_port
 
 
 @dataclass(frozen=True)

@@ -322,6 +322,13 @@ def test_class_allow_list(yolo_weights: Path, photos: dict[str, Image.Image]) ->
         Detector(yolo_weights, classes=["ties"])
 
 
+def test_trusted_full_unpickling_loads_the_same_model(
+    yolo_weights: Path, photos: dict[str, Image.Image], found: dict[str, list[Detection]]
+) -> None:
+    trusted = Detector(yolo_weights, trust_pickle=True)
+    assert trusted.detect([photos["bus"]])[0] == found["bus"]
+
+
 def test_a_file_that_is_not_a_checkpoint_is_a_model_error(yolo_weights: Path,
                                                           tmp_path: Path) -> None:
     bad = tmp_path / "yolov5n.pt"
@@ -337,6 +344,34 @@ def test_from_settings(yolo_weights: Path) -> None:
     cropper = Cropper.from_settings(settings, device="cpu")
     assert cropper.mode == "all" and cropper.detector is not None
     assert cropper.detector.conf == 0.5 and cropper.detector.info["backend"] == "yolov5"
+
+
+def test_loading_and_detecting_sends_nothing_over_the_network(yolo_weights: Path) -> None:
+    """yolov5 imports ultralytics, which probes public DNS names on import to see whether
+    it is online. In a fresh process, every name lookup and connection is recorded."""
+    script = f"""
+import socket, sys
+calls = []
+real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+def getaddrinfo(host, *args, **kwargs):
+    calls.append(("getaddrinfo", host))
+    return real_getaddrinfo(host, *args, **kwargs)
+def connect(self, address):
+    calls.append(("connect", address))
+    return real_connect(self, address)
+socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
+from pathlib import Path
+from PIL import Image
+from shared.detection import Detector
+detector = Detector(Path({str(yolo_weights)!r}))
+found = detector.detect([Image.new("RGB", (320, 240), (90, 120, 200))])
+print(calls, found)
+sys.exit(1 if calls else 0)
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "YOLO_OFFLINE"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
 
 
 def test_torchscript_export_runs_without_the_package(

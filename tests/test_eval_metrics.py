@@ -116,6 +116,8 @@ def test_rankings_from_a_real_store_score_as_computed_by_hand(tmp_path: Path) ->
     ("random:320", "random:320", 320, "none"),
     ("pca:512+int8", "pca:512+int8", 512, "int8"),
     ("binary", "full+binary", None, "binary"),
+    ("binary:x8", "full+binary:x8", None, "binary"),
+    ("pca:320+int8:x2.5", "pca:320+int8:x2.5", 320, "int8"),
     ("random:1280+binary", "random:1280+binary", 1280, "binary"),
 ])
 def test_variant_names_round_trip(text: str, name: str, dim: int | None,
@@ -125,7 +127,8 @@ def test_variant_names_round_trip(text: str, name: str, dim: int | None,
     assert Variant.parse(variant.name) == variant
 
 
-@pytest.mark.parametrize("text", ["pca", "random:0", "int4", "pca:x", "svd:10"])
+@pytest.mark.parametrize("text", ["pca", "random:0", "int4", "pca:x", "svd:10", "binary:8",
+                                  "int8:x0.5", "binary:xx"])
 def test_bad_variants_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="cannot read variant"):
         Variant.parse(text)

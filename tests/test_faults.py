@@ -319,5 +319,10 @@ def test_soak_ten_thousand_events_memory_stays_flat(
     print(f"\nsoak: 10,000 events in {samples[-1][0] - samples[0][0]:.0f}s; RSS after warm-up "
           f"{start / mib:.0f} MiB, peak {peak / mib:.0f} MiB, end {end / mib:.0f} MiB "
           f"({len(samples)} samples)")
+    third = max(1, len(warm) // 3)
+    first, last = sorted(warm[:third])[third // 2], sorted(warm[-third:])[third // 2]
+    print(f"soak: median RSS first third {first / mib:.0f} MiB, last third {last / mib:.0f} MiB")
     assert end - start < 150 * mib, "RSS grew by more than 150 MiB over the soak"
-    assert peak - start < 300 * mib
+    assert last - first < 100 * mib, "RSS trends upwards: a leak"
+    # Transient peaks come from batches of large photos in flight; they must stay bounded.
+    assert peak - start < 512 * mib

@@ -65,7 +65,7 @@ def quantized_bytes(tmp: Path) -> int:
 @pytest.mark.parametrize(("options", "bytes_per_vector"), [
     ({"quantization": "int8"}, 1280 + 4),  # a byte per dimension, plus a per-vector offset
     # Binary: a bit per dimension of a random rotation (ReLU features are all >= 0, so
-    # their own signs say nothing).
+    # their own signs say nothing), rescored with 4x candidates (binary's default).
     ({"quantization": "binary", "vector_reduction": "random", "vector_dim": 1280}, 1280 // 8),
 ], ids=["int8", "binary-rotated"])
 def test_quantized_collection_ranks_like_float32_and_survives_a_restart(
@@ -139,6 +139,8 @@ def test_reopening_with_other_quantization_is_a_clear_error(
         reopened.close()
 
 
+# Local mode is an exact scan: it warns that the rescoring parameters (for a server) do nothing.
+@pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning")
 def test_qdrant_client_store_records_quantization(
     tmp_path: Path, photos: tuple[list[str], np.ndarray],
 ) -> None:

@@ -226,7 +226,8 @@ def test_up_stopped_mid_indexing_leaves_a_consistent_store_and_resumes(
     up.wait_ready()
     broker = up.broker_pid
     deadline = time.monotonic() + INDEX_TIMEOUT_S
-    while not 0 < count(up.url) < len(good):
+    # Stop right after the first batch lands (batches are 32 of the 238 photos).
+    while count(up.url) == 0:
         assert time.monotonic() < deadline, up.output[-4000:]
         time.sleep(0.1)
     assert up.stop(signal.SIGTERM) == 0, up.output[-4000:]

@@ -14,8 +14,8 @@ from shared.errors import ImgSearchError
 
 VARIANTS_HELP = (
     "Comma-separated ways to store the vectors, each compared with full-size float32: "
-    "full, random:N, pca:N, int8, binary, or a reduction plus a quantization, e.g. "
-    "pca:320+int8, random:1280+binary."
+    "full, random:N, pca:N, int8, binary, binary:x8 (rescore 8x the results; binary's "
+    "default is x4), or a reduction plus a quantization, e.g. pca:320+int8, random:1280+binary."
 )
 
 

@@ -68,12 +68,14 @@ class Variant:
     reduction: str = "none"
     dim: int | None = None
     quantization: str = "none"
+    oversampling: float | None = None  # None: QUANTIZATION_OVERSAMPLING's default
 
     @property
     def name(self) -> str:
         parts = ["full" if self.reduction == "none" else f"{self.reduction}:{self.dim}"]
         if self.quantization != "none":
-            parts.append(self.quantization)
+            parts.append(self.quantization + (f":x{self.oversampling:g}" if self.oversampling
+                                              else ""))
         return "+".join(parts)
 
     @property
@@ -82,22 +84,32 @@ class Variant:
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        """``full``, ``random:320``, ``pca:512``, ``int8``, ``binary``, ``random:1280+binary``."""
-        reduction, dim, quantization = "none", None, "none"
+        """``full``, ``random:320``, ``pca:512``, ``int8``, ``binary``, ``binary:x8`` (rescore
+        8x the results), ``random:1280+binary``: a reduction and a quantization."""
+        reduction, dim, quantization, oversampling = "none", None, "none", None
         for part in (p.strip() for p in text.split("+")):
             method, _, size = part.partition(":")
             if method in ("full", "none") and not size:
                 continue
-            if method in QUANTIZATIONS and not size:
-                quantization = method
+            if method in QUANTIZATIONS[1:] and (not size or _factor(size[1:]) and size[0] == "x"):
+                quantization, oversampling = method, _factor(size[1:]) if size else None
             elif method in ("random", "pca") and size.isdigit() and int(size) > 0:
                 reduction, dim = method, int(size)
             else:
                 raise ValueError(
-                    f"cannot read variant {text!r}: use full, random:N, pca:N, int8, binary, "
-                    "or a reduction and a quantization joined by '+', e.g. pca:320+int8"
+                    f"cannot read variant {text!r}: use full, random:N, pca:N, int8, binary "
+                    "(binary:x8 rescores 8x the results), or a reduction and a quantization "
+                    "joined by '+', e.g. pca:320+int8"
                 )
-        return cls(reduction, dim, quantization)
+        return cls(reduction, dim, quantization, oversampling)
+
+
+def _factor(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 1.0 <= value <= 100.0 else None
 
 
 @dataclass(frozen=True)
@@ -256,7 +268,7 @@ def _variant_settings(base: dict[str, Any], model: ModelChoice, variant: Variant
         "vector_reduction_file": reduction_file,
         "quantization": variant.quantization,
         "quantization_rescore": options.rescore,
-        "quantization_oversampling": options.oversampling,
+        "quantization_oversampling": variant.oversampling or options.oversampling,
         "vector_indexing_threshold_kb": 1,
     })
 

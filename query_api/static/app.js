@@ -141,7 +141,7 @@ function render(result, append) {
   els.results.dataset.state = "done";
   const t = result.timing;
   const parts = [`${result.hits.length} result${result.hits.length === 1 ? "" : "s"} in ${t.total_ms.toFixed(1)} ms`];
-  if (t.embed_ms !== null) parts.push(`decode ${t.decode_ms.toFixed(1)} · embed ${t.embed_ms.toFixed(1)} ms (batch of ${t.batch_size})`);
+  if (t.embed_ms !== null) parts.push(`decode ${t.decode_ms.toFixed(1)} ms · embed ${t.embed_ms.toFixed(1)} ms (batch of ${t.batch_size})`);
   if (t.lookup_ms !== null) parts.push(`stored vector, no re-embedding`);
   parts.push(`search ${t.search_ms.toFixed(1)} ms`);
   els.timing.textContent = parts.join(" · ");
@@ -198,7 +198,10 @@ function setQueryImage(src, caption) {
   els.queryCaption.innerHTML = "";
   const b = document.createElement("b");
   b.textContent = caption.title;
-  els.queryCaption.append(b, document.createTextNode(caption.note ? ` · ${caption.note}` : ""));
+  const change = document.createElement("span");
+  change.className = "change";
+  change.textContent = "Drop or click to search another image";
+  els.queryCaption.append(b, document.createTextNode(caption.note ? ` · ${caption.note}` : ""), change);
 }
 
 function searchFile(file) {
