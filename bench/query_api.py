@@ -170,38 +170,48 @@ def prepare(embedder: Embedder, data: bytes) -> torch.Tensor:
     return embedder.preprocess(decode_image(data, max_pixels=40_000_000))
 
 
-def single_queries(embedder: Embedder, servers: dict[str, str], bodies: list[bytes],
-                   n: int) -> tuple[dict[str, list[float]], list[float], list[float]]:
+def single_queries(
+    embedder: Embedder, servers: dict[str, str], bodies: list[bytes], n: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float], list[float]]:
     """Sequential queries, one client, interleaved with the model alone on the same photo
-    (forward pass at batch 1, and decode+preprocess), so all see the same machine load."""
+    (forward pass at batch 1, and decode+preprocess), so all see the same machine load.
+    The order rotates every round, so no side always runs right after another one (whose
+    OpenMP threads may still be spinning). Also returns each query's own forward time as
+    the server reported it (timing.embed_ms)."""
     latencies: dict[str, list[float]] = {name: [] for name in servers}
+    server_forward: dict[str, list[float]] = {name: [] for name in servers}
     forward: list[float] = []
     prep: list[float] = []
     clients = {name: httpx.Client(base_url=url, timeout=60) for name, url in servers.items()}
+    steps = ["model", *servers]
     try:
         for i in range(n + 5):
             data = bodies[i % len(bodies)]
-            t0 = time.perf_counter()
-            tensor = prepare(embedder, data)
-            t1 = time.perf_counter()
-            embedder.embed([tensor])
-            t2 = time.perf_counter()
-            timings = {}
-            for name, client in clients.items():
+            keep = i >= 5  # warm connections and caches first
+            shift = i % len(steps)
+            for step in steps[shift:] + steps[:shift]:
+                if step == "model":
+                    t0 = time.perf_counter()
+                    tensor = prepare(embedder, data)
+                    t1 = time.perf_counter()
+                    embedder.embed([tensor])
+                    t2 = time.perf_counter()
+                    if keep:
+                        prep.append(t1 - t0)
+                        forward.append(t2 - t1)
+                    continue
                 t = time.perf_counter()
-                r = client.post("/search", content=data, params={"limit": 10},
-                                headers={"content-type": "image/jpeg"})
-                timings[name] = time.perf_counter() - t
+                r = clients[step].post("/search", content=data, params={"limit": 10},
+                                       headers={"content-type": "image/jpeg"})
+                elapsed = time.perf_counter() - t
                 r.raise_for_status()
-            if i >= 5:  # warm connections and caches first
-                prep.append(t1 - t0)
-                forward.append(t2 - t1)
-                for name, elapsed in timings.items():
-                    latencies[name].append(elapsed)
+                if keep:
+                    latencies[step].append(elapsed)
+                    server_forward[step].append(r.json()["timing"]["embed_ms"] / 1000)
     finally:
         for client in clients.values():
             client.close()
-    return latencies, forward, prep
+    return latencies, server_forward, forward, prep
 
 
 async def run_load(url: str, bodies: list[bytes], clients: int, seconds: float,
@@ -253,8 +263,10 @@ def main() -> None:
     parser.add_argument("--queries", choices=["birds", "imagenet-sample"], default="birds")
     parser.add_argument("--query-images", type=int, default=200)
     parser.add_argument("--clients", default="1,8,32,64")
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per level")
-    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured time per level")
+    parser.add_argument("--seconds", type=float, default=9.0,
+                        help="measured time per level and side, split over --rounds slices")
+    parser.add_argument("--rounds", type=int, default=3, help="on/off alternations per level")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured time per slice")
     parser.add_argument("--single", type=int, default=150, help="sequential single queries")
     parser.add_argument("--batch-max-size", type=int, default=8)
     parser.add_argument("--batch-max-wait-ms", type=float, default=4.0)
@@ -284,16 +296,25 @@ def main() -> None:
 
         for _ in range(5):  # the bench's own model, warmed like the servers'
             embedder.embed([prepare(embedder, bodies[0])])
-        single, forward, prep = single_queries(embedder, {"on": on.url, "off": off.url},
-                                               bodies, args.single)
+        single, server_forward, forward, prep = single_queries(
+            embedder, {"on": on.url, "off": off.url}, bodies, args.single)
         forward_s, prep_s = statistics.median(forward), statistics.median(prep)
         del embedder
 
         results: dict[tuple[str, int], Load] = {}
         for clients in levels:
-            for name, server in (("on", on), ("off", off)):
-                results[(name, clients)] = asyncio.run(
-                    run_load(server.url, bodies, clients, args.seconds, args.warmup))
+            # Several short on/off slices per level: background load on a shared machine
+            # then hits both sides alike.
+            for _ in range(args.rounds):
+                for name, server in (("on", on), ("off", off)):
+                    part = asyncio.run(run_load(server.url, bodies, clients,
+                                                args.seconds / args.rounds, args.warmup))
+                    total = results.setdefault((name, clients), Load(clients))
+                    total.seconds += part.seconds
+                    total.latencies += part.latencies
+                    total.batch_sizes += part.batch_sizes
+                    total.errors += part.errors
+            for name in ("on", "off"):
                 r = results[(name, clients)]
                 print(f"  {clients:>3} clients, batching {name:<3}: {r.throughput:6.1f} req/s "
                       f"p99 {pct(r.latencies, 99) * 1000:6.1f} ms  errors {r.errors}", flush=True)
@@ -307,14 +328,19 @@ def main() -> None:
           f"forward p50 {forward_s * 1000:.1f} ms (p95 {pct(forward, 95) * 1000:.1f} ms); "
           f"decode+preprocess p50 {prep_s * 1000:.1f} ms")
     print()
-    print("Single query, one client, sequential (HTTP round trip):")
-    print(f"  {'':<14}{'p50':>9}{'p95':>9}{'p99':>9}   p50 - model forward")
-    for name, lat in (("batching on", single["on"]), ("batching off", single["off"])):
+    print("Single query, one client, sequential (HTTP round trip; 'its forward' is the forward "
+          "pass inside the server for that query):")
+    print(f"  {'':<14}{'p50':>9}{'p95':>9}{'p99':>9} | {'its forward p50':>15} | "
+          f"{'p50 - model forward':>19} | {'p50 of (round trip - its forward)':>33}")
+    for name in ("on", "off"):
+        lat, own = single[name], server_forward[name]
         p50 = pct(lat, 50)
-        print(f"  {name:<14}{p50 * 1000:8.1f}ms{pct(lat, 95) * 1000:7.1f}ms"
-              f"{pct(lat, 99) * 1000:7.1f}ms   {(p50 - forward_s) * 1000:+.1f} ms")
+        overhead = [a - b for a, b in zip(lat, own, strict=True)]
+        print(f"  {'batching ' + name:<14}{p50 * 1000:8.1f}ms{pct(lat, 95) * 1000:7.1f}ms"
+              f"{pct(lat, 99) * 1000:7.1f}ms | {pct(own, 50) * 1000:13.1f}ms | "
+              f"{(p50 - forward_s) * 1000:+17.1f}ms | {pct(overhead, 50) * 1000:31.1f}ms")
     print()
-    print(f"Concurrent clients, closed loop, {args.seconds:.0f}s per level "
+    print(f"Concurrent clients, closed loop, {args.seconds:.0f}s per level and side "
           f"(API_BATCH_MAX_SIZE={args.batch_max_size}, API_BATCH_MAX_WAIT_MS={args.batch_max_wait_ms}):")
     print(f"  {'clients':>7} | {'batching on':^36} | {'batching off':^26} | {'speed-up':>8}")
     print(f"  {'':>7} | {'req/s':>8}{'p50':>9}{'p99':>9}{'batch':>9} | {'req/s':>8}{'p50':>9}"
@@ -327,7 +353,10 @@ def main() -> None:
               f"{pct(b.latencies, 50) * 1000:7.1f}ms{pct(b.latencies, 99) * 1000:7.1f}ms | "
               f"{a.throughput / b.throughput if b.throughput else float('nan'):7.2f}x")
     errors = sum(r.errors for r in results.values())
-    print(f"\nerrors: {errors}")
+    load = os.getloadavg()
+    print(f"\nerrors: {errors}; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+          f"{load[2]:.1f} on {os.cpu_count()} CPUs (other work on the machine skews absolute "
+          "numbers; on/off slices alternate so the ratios stay comparable)")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.store.base import CollectionSpec, PointRecord, VectorStore  # noqa: E402
+from shared.store.base import CollectionSpec, PointRecord, VectorStore  # after sys.path
 
 SPEC_MODEL = {"model_name": "bench-random", "preprocessing": {}}
 

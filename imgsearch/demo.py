@@ -29,8 +29,8 @@ from shared.errors import FetchError, SourceError
 
 DEMO_URLS = (
     "https://github.com/towhee-io/examples/releases/download/data/reverse_image_search.zip",
-    "https://github.com/milvus-io/pymilvus-assets/releases/download/imagedata/"
-    "reverse_image_search.zip",
+    ("https://github.com/milvus-io/pymilvus-assets/releases/download/imagedata/"
+     "reverse_image_search.zip"),
 )
 # Record these from a verified download (the command prints both); None skips the check.
 DEMO_ARCHIVE_SHA256: str | None = None
@@ -88,29 +88,31 @@ def download(
     digest = hashlib.sha256()
     received = 0
     try:
-        with httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=True,
-                          event_hooks={"request": [check_redirect]}) as client:
-            with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    status = response.status_code
-                    raise SourceError(f"HTTP {status} from {url}", reason="fetch_http_4xx",
-                                      retriable=status >= 500)
-                declared = response.headers.get("content-length")
-                total = int(declared) if declared and declared.isdigit() else None
-                for limit, what in ((total, "declares"), (expected_size, "is expected to be")):
-                    if limit is not None and limit > max_bytes:
-                        raise SourceError(f"{url} {what} {limit} bytes, over the "
-                                          f"{max_bytes}-byte limit", reason="too_large")
-                with part.open("wb") as out:
-                    for chunk in response.iter_bytes(1 << 16):
-                        received += len(chunk)
-                        if received > max_bytes:
-                            raise SourceError(f"{url} sent more than {max_bytes} bytes",
-                                              reason="too_large")
-                        digest.update(chunk)
-                        out.write(chunk)
-                        if progress:
-                            progress(received, total)
+        with (
+            httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=True,
+                         event_hooks={"request": [check_redirect]}) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.status_code != 200:
+                status = response.status_code
+                raise SourceError(f"HTTP {status} from {url}", reason="fetch_http_4xx",
+                                  retriable=status >= 500)
+            declared = response.headers.get("content-length")
+            total = int(declared) if declared and declared.isdigit() else None
+            for limit, what in ((total, "declares"), (expected_size, "is expected to be")):
+                if limit is not None and limit > max_bytes:
+                    raise SourceError(f"{url} {what} {limit} bytes, over the "
+                                      f"{max_bytes}-byte limit", reason="too_large")
+            with part.open("wb") as out:
+                for chunk in response.iter_bytes(1 << 16):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise SourceError(f"{url} sent more than {max_bytes} bytes",
+                                          reason="too_large")
+                    digest.update(chunk)
+                    out.write(chunk)
+                    if progress:
+                        progress(received, total)
     except httpx.HTTPError as exc:
         part.unlink(missing_ok=True)
         raise FetchError(f"cannot download {url}: {type(exc).__name__}: {exc}",

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from shared.errors import BrokerError
 
@@ -88,7 +89,9 @@ class LocalBroker:
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
         # The broker's own output goes to a temporary file, shown only if it fails to start.
-        self._log = tempfile.NamedTemporaryFile(prefix="imgsearch-tansu-", suffix=".log")
+        # Open for the broker's lifetime; stop() closes (and so deletes) it.
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="imgsearch-tansu-", suffix=".log")
         env = {k: v for k, v in os.environ.items() if k != "OTEL_EXPORTER_OTLP_ENDPOINT"}
         self.process = subprocess.Popen(
             [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
@@ -155,7 +158,7 @@ class LocalBroker:
                 self._log.close()
                 self._log = None
 
-    def __enter__(self) -> LocalBroker:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

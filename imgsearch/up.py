@@ -7,7 +7,7 @@
   fed with the events ``imgsearch publish`` sends.
 * API and search page: query_api.app.create_app, served by uvicorn in a thread.
 
-SIGINT and SIGTERM stop it in order: workers finish their batch, the API stops, the
+SIGINT and SIGTERM stop it in order: workers finish their work in flight, the API stops, the
 store is flushed and closed, the broker is terminated.
 """
 
@@ -38,18 +38,19 @@ from imgsearch.index import (
     with_roots,
 )
 from shared.config import Settings
-from shared.errors import ImgSearchError
+from shared.errors import BrokerError, ImgSearchError
 from shared.images import sha256_hex
 
 if TYPE_CHECKING:  # these import torch: keep `imgsearch --help` fast
     from shared.components import Components
-    from shared.pipeline import BatchReport, IngestPipeline, WorkItem
+    from shared.pipeline import IngestPipeline
     from shared.store.base import VectorStore
 
 # Tansu completes a group join after about half the session timeout: with the production
 # default (45 s) a fresh `up` would sit idle for ~20 s before its first batch. Heartbeats
 # come from kafka-python's own thread, so a short session does not limit batch time.
 LOCAL_BROKER_GROUP = {"kafka_session_timeout_ms": 6000, "kafka_heartbeat_interval_ms": 500}
+EXTERNAL_KAFKA_GROUP = "imgsearch-up"  # unless KAFKA_GROUP_ID is set
 API_START_TIMEOUT_S = 60.0
 API_STOP_TIMEOUT_S = 15.0
 CHECK_CHUNK = 256
@@ -106,7 +107,7 @@ class Stopper:
             click.echo(f"{name}: already stopping, please wait", err=True)
             return
         self.requested.set()
-        click.echo(f"{name}: stopping (workers finish their batch)", err=True)
+        click.echo(f"{name}: stopping (workers finish their work in flight)", err=True)
         if not self.serving:
             raise KeyboardInterrupt
 
@@ -114,73 +115,67 @@ class Stopper:
 # -- progress --------------------------------------------------------------------------------
 
 
-class IngestTracker:
-    """What the workers did with the events this run published, from the pipeline's reports."""
+class CommitProgress:
+    """How far the ingest group has got, from its committed offsets.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: dict[str, ImageFile] = {}
-        self.stored = 0
-        self.unchanged = 0
-        self.failures: list[Failure] = []
+    Workers commit an offset only once every record before it is stored or dead-lettered,
+    so "committed >= the offset the producer was given" means done, whatever the worker's
+    internals. (Tansu's end_offsets() understates batched writes: the ends come from the
+    producer's acknowledgements instead.)
+    """
 
-    def expect(self, files: Sequence[ImageFile]) -> None:
-        with self._lock:
-            self._pending.update((f.image_id, f) for f in files)
+    def __init__(self, settings: Settings) -> None:
+        from kafka import KafkaAdminClient
 
-    def on_report(self, report: BatchReport) -> None:
-        with self._lock:
-            for result in report.results:
-                f = self._pending.pop(result.item.event.image_id, None)
-                if f is None:
-                    continue  # an event someone else published, or a redelivery
-                if result.outcome == "failed" and result.error is not None:
-                    self.failures.append(Failure(f.path, result.error.reason, str(result.error)))
-                elif result.outcome == "unchanged":
-                    self.unchanged += 1
-                else:
-                    self.stored += 1
+        from shared.kafka import bootstrap_servers
 
-    @property
-    def done(self) -> int:
-        with self._lock:
-            return self.stored + self.unchanged + len(self.failures)
+        self.group = settings.kafka_group_id
+        self.topic = settings.kafka_topic
+        self._admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers(settings),
+                                       client_id=f"{settings.kafka_client_id}-progress")
+        self.base = self.committed()  # where the group stood before this run published
 
-    @property
-    def remaining(self) -> int:
-        with self._lock:
-            return len(self._pending)
+    def committed(self) -> dict[int, int]:
+        from kafka.errors import KafkaError
 
+        try:
+            offsets = self._admin.list_group_offsets(self.group).get(self.group, {})
+        except KafkaError as exc:
+            raise BrokerError(f"cannot read the committed offsets of group {self.group!r}: "
+                              f"{exc}") from exc
+        return {tp.partition: om.offset for tp, om in offsets.items()
+                if tp.topic == self.topic and om.offset >= 0}
 
-class _ObservedPipeline:
-    """An IngestPipeline that also hands every finished batch's report to a callback."""
+    def total(self, ends: dict[int, int]) -> int:
+        return sum(max(0, end - self.base.get(p, 0)) for p, end in ends.items())
 
-    def __init__(self, inner: IngestPipeline, on_report: Callable[[BatchReport], None]) -> None:
-        self.inner = inner
-        self.on_report = on_report
+    def done(self, ends: dict[int, int]) -> tuple[int, bool]:
+        """(events processed towards ``ends``, whether all of them are)."""
+        now = self.committed()
+        processed = sum(max(0, min(now.get(p, 0), end) - self.base.get(p, 0))
+                        for p, end in ends.items())
+        return processed, all(now.get(p, 0) >= end for p, end in ends.items())
 
-    def process(self, items: Sequence[WorkItem]) -> BatchReport:
-        report = self.inner.process(items)
-        self.on_report(report)
-        return report
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    def close(self) -> None:
+        self._admin.close()
 
 
-def reporting_components(components: Components,
-                         on_report: Callable[[BatchReport], None]) -> Components:
-    """The loaded components, with pipelines that report each batch. This is how `up`
-    watches the real WorkerGroup's progress without a copy of the worker loop."""
-    from shared.components import Components
+def failure_reasons(settings: Settings, files: Sequence[ImageFile]) -> list[Failure]:
+    """Why ``files`` were not stored, from their latest dead letters in this run's topic."""
+    from imgsearch.dlq import read_dead_letters
+    from ingest_worker.dead_letters import H_MESSAGE, H_REASON, H_TOPIC
 
-    class _ReportingComponents(Components):
-        def pipeline(self, *, skip_unchanged: bool = True) -> IngestPipeline:
-            inner = super().pipeline(skip_unchanged=skip_unchanged)
-            return _ObservedPipeline(inner, on_report)  # type: ignore[return-value]
-
-    return _ReportingComponents(components.settings, components.embedder, components.store,
-                                components.fetcher)
+    by_id = {f.image_id: f for f in files}
+    reasons: dict[str, tuple[str, str]] = {}
+    for letter in read_dead_letters(settings, idle_s=1.0):
+        errors = letter.errors
+        image_id = (letter.key or b"").decode("utf-8", "replace")
+        if image_id in by_id and errors.get(H_TOPIC) == settings.kafka_topic:
+            reasons[image_id] = (errors.get(H_REASON, "unknown"), errors.get(H_MESSAGE, ""))
+    return [
+        Failure(f.path, *reasons.get(f.image_id, ("not_stored", "no dead letter found for it")))
+        for f in files
+    ]
 
 
 def new_or_changed(
@@ -220,7 +215,7 @@ def _differs(pipeline: IngestPipeline, f: ImageFile, payload: dict[str, Any],
         return True  # the worker reports the read error
     event = file_event(f, label_from_folder=label_from_folder)
     # One rule for "unchanged", shared with the pipeline (see the report on making it public).
-    return not pipeline._unchanged(event, sha256_hex(data), payload)
+    return not pipeline.is_unchanged(event, sha256_hex(data), payload)
 
 
 # -- the API in a thread -------------------------------------------------------------------------
@@ -266,7 +261,7 @@ class ApiServer:
     def _run(self) -> None:
         try:
             self.server.run(sockets=[self.socket])
-        except BaseException as exc:  # SystemExit on a failed lifespan start-up
+        except BaseException as exc:  # noqa: BLE001 - SystemExit when the lifespan fails
             self.error = exc
 
     def start(self) -> None:
@@ -351,6 +346,10 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
         bootstrap = external_broker()
         extra: dict[str, Any] = {}
         if bootstrap:
+            if "KAFKA_GROUP_ID" not in os.environ:
+                # Not the production workers' default group: joining it would take their
+                # events into this process's store instead of theirs.
+                extra["kafka_group_id"] = EXTERNAL_KAFKA_GROUP
             echo(f"broker:  Kafka at {bootstrap} (KAFKA_BOOTSTRAP_SERVERS)")
         else:
             broker = LocalBroker()
@@ -387,9 +386,7 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
         stack.callback(api.stop)
         echo(f"search:  {api.url}/  (API docs {api.url}/docs)")
 
-        tracker = IngestTracker()
-        group = WorkerGroup(reporting_components(components, tracker.on_report),
-                            count=opts.workers)
+        group = WorkerGroup(components, count=opts.workers)
         group.start()
         stack.callback(group.close)
         echo(f"ingest:  {len(group.workers)} worker(s) on topic {settings.kafka_topic!r}")
@@ -406,7 +403,7 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
 
         status = 0
         if files and not _ingest(files, opts, settings, group, components, publisher,
-                                 tracker, stopper, healthy, publish_files):
+                                 stopper, healthy, publish_files):
             status = 0 if stopper.requested.is_set() else 1
         if not stopper.requested.is_set() and status == 0:
             echo(f"ready:   {components.store.count()} images; search at {api.url}/ "
@@ -415,13 +412,13 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
                 if not healthy():
                     status = 1
                     break
-        echo("stopping: workers finish their batch, then the API, store and broker stop")
+        echo("stopping: workers finish their work in flight, then the API and the store close")
     echo("stopped cleanly" if status == 0 else "stopped after an error")
     return status
 
 
 def _ingest(files: list[ImageFile], opts: UpOptions, settings: Settings, group: Any,
-            components: Components, publisher: Any, tracker: IngestTracker, stopper: Stopper,
+            components: Components, publisher: Any, stopper: Stopper,
             healthy: Callable[[], bool], publish_files: Callable[..., Any]) -> bool:
     """Publish what is new, show progress until the workers are done, report bad files.
     Returns False when it stopped early (a signal, or a component failed)."""
@@ -433,44 +430,60 @@ def _ingest(files: list[ImageFile], opts: UpOptions, settings: Settings, group: 
             stopper.check()
         return step
 
+    progress = CommitProgress(settings)
     try:
-        with tqdm(total=len(files), unit="img", desc="checking", file=sys.stderr,
-                  leave=False) as bar:
-            todo = new_or_changed(group.pipeline, components.store, files,
-                                  label_from_folder=opts.label_from_folder,
-                                  max_bytes=settings.fetch_max_bytes, progress=advance(bar))
-        echo(f"images:  {len(files)} under {', '.join(map(str, opts.paths))}: "
-             f"{len(files) - len(todo)} already indexed, {len(todo)} to index")
-        if not todo:
-            return True
-        tracker.expect(todo)
-        started = time.monotonic()
-        with tqdm(total=len(todo), unit="img", desc="publishing", file=sys.stderr,
-                  leave=False) as bar:
-            publish_files(publisher, todo, label_from_folder=opts.label_from_folder,
-                          progress=advance(bar))
-    except StopRequested:
-        echo("stopped before indexing; run `imgsearch up` on the same folders again to index")
-        return False
-    with tqdm(total=len(todo), unit="img", desc="indexing", file=sys.stderr,
-              mininterval=0.5) as bar:
-        while tracker.remaining:
-            if stopper.requested.wait(0.25) or not healthy():
-                bar.close()
-                echo(f"indexing interrupted after {tracker.done} of {len(todo)} images; "
-                     "run `imgsearch up` on the same folders again to finish")
-                return False
-            if tracker.done > bar.n:
-                bar.update(tracker.done - bar.n)
-        bar.update(tracker.done - bar.n)
+        try:
+            with tqdm(total=len(files), unit="img", desc="checking", file=sys.stderr,
+                      leave=False) as bar:
+                todo = new_or_changed(group.pipeline, components.store, files,
+                                      label_from_folder=opts.label_from_folder,
+                                      max_bytes=settings.fetch_max_bytes, progress=advance(bar))
+            echo(f"images:  {len(files)} under {', '.join(map(str, opts.paths))}: "
+                 f"{len(files) - len(todo)} already indexed, {len(todo)} to index")
+            if not todo:
+                return True
+            started = time.monotonic()
+            with tqdm(total=len(todo), unit="img", desc="publishing", file=sys.stderr,
+                      leave=False) as bar:
+                ends = publish_files(publisher, todo, label_from_folder=opts.label_from_folder,
+                                     progress=advance(bar)).offsets
+        except StopRequested:
+            echo("stopped before indexing; run `imgsearch up` on the same folders again")
+            return False
+        total = progress.total(ends)
+        with tqdm(total=total, unit="img", desc="indexing", file=sys.stderr,
+                  mininterval=0.5) as bar:
+            while True:
+                processed, finished = progress.done(ends)
+                if processed > bar.n:
+                    bar.update(processed - bar.n)
+                if finished:
+                    break
+                if stopper.requested.wait(0.5) or not healthy():
+                    bar.close()
+                    echo(f"indexing interrupted after {processed} of {total} images; run "
+                         "`imgsearch up` on the same folders again to finish")
+                    return False
+    finally:
+        progress.close()
     elapsed = time.monotonic() - started
-    echo(f"indexed: {tracker.stored} stored, {tracker.unchanged} unchanged, "
-         f"{len(tracker.failures)} failed in {elapsed:.1f}s "
-         f"({len(todo) / max(elapsed, 1e-9):.1f} img/s)")
-    if tracker.failures:
-        echo(f"{len(tracker.failures)} files could not be indexed "
-             f"(their events are in the dead-letter topic {settings.kafka_dlq_topic!r}):")
-        for failure in tracker.failures:
+    # Whatever is not stored as published now has failed; the dead letters say why.
+    missing = new_or_changed(group.pipeline, components.store, todo,
+                             label_from_folder=opts.label_from_folder,
+                             max_bytes=settings.fetch_max_bytes)
+    echo(f"indexed: {len(todo) - len(missing)} stored, {len(missing)} failed in "
+         f"{elapsed:.1f}s ({len(todo) / max(elapsed, 1e-9):.1f} img/s)")
+    if len(todo) > len(missing):
+        # The embedded engine builds its HNSW index only when asked, and holds the
+        # interpreter while it does: searches wait for it, so say so.
+        t0 = time.monotonic()
+        echo("index:   building the search index (searches wait until it is done)")
+        components.store.optimize()
+        echo(f"index:   built in {time.monotonic() - t0:.1f}s")
+    if missing:
+        echo(f"{len(missing)} files could not be indexed (their events are in the "
+             f"dead-letter topic {settings.kafka_dlq_topic!r}):")
+        for failure in failure_reasons(settings, missing):
             echo(f"  {failure}")
     return True
 

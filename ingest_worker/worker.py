@@ -40,7 +40,6 @@ from shared.staged import StagedPipeline, WriteBatch
 
 log = logging.getLogger(__name__)
 
-IDLE_OPTIMIZE_AFTER_S = 5.0
 COMMIT_INTERVAL_S = 0.5
 REVOKE_DRAIN_S = 10.0
 
@@ -92,8 +91,6 @@ class IngestWorker:
         self.batches_done = 0
         self.revocations = 0  # rebalances that took partitions away from this worker
         self._last_commit = 0.0
-        self._last_activity = time.monotonic()
-        self._optimized_since_activity = True
         # Keep at most a few batches in flight: enough to overlap stages, bounded memory.
         self.max_in_flight = settings.batch_size * 4
 
@@ -169,11 +166,6 @@ class IngestWorker:
         records = [r for batch in polled.values() for r in batch]
         for record in records:
             self._accept(record)
-        if records:
-            self._last_activity = time.monotonic()
-            self._optimized_since_activity = False
-        elif not self._staged.in_flight:
-            self._maybe_optimize()
         self._lag.maybe_report()  # type: ignore[union-attr]
 
     # -- records in, results out -----------------------------------------------------------------
@@ -343,17 +335,6 @@ class IngestWorker:
                     self._accept(record)
             if self._lag is not None:
                 self._lag.maybe_report()
-
-    def _maybe_optimize(self) -> None:
-        idle = time.monotonic() - self._last_activity
-        if self._optimized_since_activity or idle < IDLE_OPTIMIZE_AFTER_S:
-            return
-        self._optimized_since_activity = True
-        try:
-            self.pipeline.store.optimize()
-        except ImgSearchError as exc:
-            log.warning("%s: store optimisation failed (will retry when idle again): %s",
-                        self.name, exc)
 
 
 def consumer_factory(settings: Settings, **overrides: Any) -> Callable[[ConsumerRebalanceListener], KafkaConsumer]:

@@ -135,10 +135,15 @@ class MicroBatcher:
             raise RuntimeError("the micro-batcher is not running (app lifespan not started?)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[EmbedResult] = loop.create_future()
-        self._queue.put(_Item(tensor, future, loop))
+        item = _Item(tensor, future, loop)
         if expected:
-            # After the put: the collector never sees "nobody coming" while we are in between.
-            self.withdraw()
+            # No longer "on its way" the moment it is queued: otherwise the collector, taking
+            # this very item, would wait for it to arrive (a lone query paying max_wait).
+            with self._incoming_lock:
+                self._incoming -= 1
+                self._queue.put(item)
+        else:
+            self._queue.put(item)
         return await future
 
     # -- the forward-pass thread -------------------------------------------------------------

@@ -99,8 +99,10 @@ def _metadata_field(raw: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_metadata", 'metadata must be a JSON object, e.g. {"label": "x"}')
     for key, item in value.items():
-        valid = isinstance(item, (str, bool, int)) or (
-            isinstance(item, float) and math.isfinite(item)
+        valid = (
+            isinstance(item, (str, bool))
+            or (isinstance(item, int) and -(2**63) <= item < 2**63)  # the store's integers
+            or (isinstance(item, float) and math.isfinite(item))
         )
         if not valid:
             raise ApiError(

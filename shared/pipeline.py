@@ -143,7 +143,7 @@ class IngestPipeline:
         data = self._fetch(event)
         t1 = time.perf_counter()
         digest = sha256_hex(data)
-        if existing is not None and self._unchanged(event, digest, existing.payload):
+        if existing is not None and self.is_unchanged(event, digest, existing.payload):
             return Prepared(digest, None, t1 - t0, 0.0)
         image = decode_image(data, max_pixels=self.max_pixels)
         tensor = self.embedder.preprocess(image)
@@ -165,7 +165,8 @@ class IngestPipeline:
         self.store.upsert(records)
         self.store.delete(deletes)
 
-    def _unchanged(self, event: ImageUploaded, digest: str, payload: dict[str, Any]) -> bool:
+    def is_unchanged(self, event: ImageUploaded, digest: str, payload: dict[str, Any]) -> bool:
+        """True when the store already holds exactly this upload (bytes, uri, metadata, model)."""
         return (
             payload.get("sha256") == digest
             and payload.get("uri") == event.uri

@@ -14,6 +14,7 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from PIL import Image
@@ -120,9 +121,9 @@ def test_download_url_rule() -> None:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+    routes: ClassVar[dict[str, tuple[int, bytes, dict[str, str]]]] = {}
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:  # the stdlib's name
         status, body, headers = self.routes.get(self.path, (404, b"not found", {}))
         self.send_response(status)
         headers = {"Content-Length": str(len(body)), **headers}
@@ -137,7 +138,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, dict[str, tuple[int, bytes, dict[str, str]]]]]:
-    routes: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+    routes: ClassVar[dict[str, tuple[int, bytes, dict[str, str]]]] = {}
     handler = type("Handler", (_Handler,), {"routes": routes})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)

@@ -213,7 +213,11 @@ def found(detector: Detector, photos: dict[str, Image.Image]) -> dict[str, list[
 
 
 def test_bus_has_a_bus_and_several_people(found: dict[str, list[Detection]]) -> None:
-    assert classes(found["bus"]) == {"bus": 1, "person": 4}
+    counts = classes(found["bus"])
+    assert counts.get("bus") == 1 and counts.get("person", 0) >= 3, counts
+    assert set(counts) == {"bus", "person"}, counts
+    bus = next(d for d in found["bus"] if d.class_name == "bus")
+    assert bus.box[2] - bus.box[0] > 600  # the bus spans most of the 810 px width
 
 
 def test_zidane_has_people_and_a_tie(found: dict[str, list[Detection]]) -> None:
@@ -298,8 +302,9 @@ def test_agrees_with_the_yolov5_packages_own_inference(
     yolo_weights: Path, photos: dict[str, Image.Image], found: dict[str, list[Detection]]
 ) -> None:
     """The letterbox and NMS here are our own (batched); YOLOv5's AutoShape is the
-    reference. Both letterbox to the same rectangle; they resize with different libraries
-    (Pillow here, OpenCV there), so boxes agree closely, not to the pixel."""
+    reference. It pads a photo only to its own rectangle, where ours pads to the square,
+    and it resizes with OpenCV, not Pillow: the confident objects must agree, not every
+    marginal one."""
     from yolov5.models.common import AutoShape
 
     fresh = Detector(yolo_weights)
@@ -311,7 +316,7 @@ def test_agrees_with_the_yolov5_packages_own_inference(
             frame = reference(image, size=640).xyxy[0].cpu().numpy()
         theirs = [Detection(tuple(float(v) for v in row[:4]), float(row[4]),  # type: ignore[arg-type]
                             fresh.names[int(row[5])]) for row in frame]
-        assert_same_detections(found[name], theirs, min_iou=0.9, min_conf=0.3)
+        assert_same_detections(found[name], theirs, min_iou=0.85, min_conf=0.6)
 
 
 def test_class_allow_list(yolo_weights: Path, photos: dict[str, Image.Image]) -> None:
@@ -378,9 +383,8 @@ def test_torchscript_export_runs_without_the_package(
     yolo_weights: Path, photos: dict[str, Image.Image], found: dict[str, list[Detection]],
     tmp_path: Path,
 ) -> None:
-    """A TorchScript file from YOLOv5's exporter finds the same objects, in a process
-    where the yolov5 package cannot be imported at all. (It is traced at 640x640, so it
-    letterboxes to that square rather than to the photo's rectangle.)"""
+    """A TorchScript file from YOLOv5's exporter gives the same boxes, in a process
+    where the yolov5 package cannot be imported at all."""
     import torch
     from yolov5.export import export_torchscript
     from yolov5.models.yolo import Detect
@@ -413,8 +417,9 @@ print(json.dumps([[[d.box, d.confidence, d.class_name] for d in found]
     assert run.returncode == 0, run.stderr[-3000:]
     for name, rows in zip(photos, json.loads(run.stdout), strict=True):
         scripted = [Detection(tuple(box), conf, cls) for box, conf, cls in rows]
-        assert_same_detections(found[name], scripted, min_iou=0.85, min_conf=0.6)
-        assert classes(scripted).get("person", 0) >= 2
+        assert [d.class_name for d in scripted] == [d.class_name for d in found[name]]
+        for a, b in zip(scripted, found[name], strict=True):
+            assert np.allclose(a.box, b.box, atol=1.0) and abs(a.confidence - b.confidence) < 1e-3
 
 
 # -- what cropping changes: a bird pasted small into an unrelated photo ----------------------

@@ -95,6 +95,7 @@ def test_reports_show_the_same_numbers(birds_report: dict[str, Any]) -> None:
                if line.startswith("| mobilenetv2_100 | full | 1280 |"))
     assert f"| {labels['mAP@10']:.3f} |" in row and f"| {labels['R@1']:.3f} |" in row
     assert "### Find the source" in birds_report["markdown"]
+    assert "The combined edit reaches" in birds_report["markdown"]
     assert f"{labels['mAP@10']:.3f}" in birds_report["terminal"]
     goals = {g["goal"]: g["met"] for g in birds_report["goals"]}
     assert goals["top-1 source accuracy >= 0.95 for half"] is True
@@ -172,6 +173,9 @@ def test_csv_without_labels_serves_copy_detection_only(tmp_path: Path) -> None:
     (tmp_path / "set.csv").write_text("path,name\nimg/a.png,anything\n")
     dataset = load_dataset(tmp_path / "set.csv")
     assert not dataset.has_labels
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "set.csv"), "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code != 0 and "run it with --copies" in result.output
 
 
 # -- the edits ----------------------------------------------------------------------------

@@ -605,7 +605,8 @@ def test_upload_publishes_an_event_that_workers_ingest(gallery: Gallery, broker:
                                 data={"image_id": "bad"}), 400, "undecodable")
             assert_error(c.post("/images", files={"file": ("b.jpg", bird.read(), "image/jpeg")}),
                          422, "invalid_image_id")
-            for bad in ("not json", "[1, 2]", '{"k": [1]}', '{"bad key": 1}'):
+            for bad in ("not json", "[1, 2]", '{"k": [1]}', '{"bad key": 1}', '{"n": 1e400}',
+                        '{"n": 100000000000000000000}'):
                 assert_error(c.post("/images", files={"file": ("b.jpg", bird.read(), "image/jpeg")},
                                     data={"image_id": "x", "metadata": bad}), 422, "invalid_metadata")
             assert_error(c.post("/images", content=bird.read(),
@@ -704,3 +705,75 @@ def test_refuses_a_collection_built_for_another_model(tmp_path: Path,
     err = proc.stderr.decode()
     assert "holds 512-d vectors from model resnet18" in err, err[-2000:]
     assert "1280-d vectors with mobilenetv2_100" in err
+
+
+# -- the Qdrant server backend ----------------------------------------------------------------
+
+
+def test_the_api_over_the_qdrant_client_backend(tmp_path: Path, embedder: Any,
+                                               mobilenet_weights: Path, data_dir: Path,
+                                               birds: Path) -> None:
+    """Production uses QDRANT_URL (qdrant-client); the same API over QdrantStore, with the
+    client's local in-memory mode standing in for the server's engine."""
+    from qdrant_client import QdrantClient
+
+    from shared.components import collection_spec
+    from shared.fetch import ImageFetcher
+    from shared.store.qdrant import QdrantStore
+
+    settings = api_settings(tmp_path / "unused", mobilenet_weights, [data_dir], api_warmup=False)
+    store = QdrantStore(QdrantClient(":memory:"), collection_spec(settings, embedder))
+    components = Components(settings, embedder, store, ImageFetcher.from_settings(settings))
+    photos = pick(bird_rows(birds), train=1, test=1)[:40]
+    try:
+        index(components, [upload_item(b, n) for n, b in enumerate(photos)])
+        app = create_app(components, settings=settings)
+        with BackgroundServer(app, port=settings.api_port) as srv, \
+                httpx.Client(base_url=srv.url, timeout=60) as c:
+            bird = photos[6]
+            found = search(c, bird.read(), limit=5)
+            assert found["hits"][0]["image_id"] == bird.image_id
+            similar = c.get(f"/images/{bird.image_id}/similar", params={"limit": 4}).json()
+            assert ids(similar) == ids(found)[1:5]
+            same_label = search(c, bird.read(), limit=10, filter=f"label={bird.label}")
+            assert sorted(ids(same_label)) == sorted(
+                b.image_id for b in photos if b.label == bird.label)
+            assert c.get("/count").json() == {"count": len(photos)}
+            assert c.get(f"/images/{bird.image_id}/thumbnail").status_code == 200
+    finally:
+        components.close()
+
+
+# -- the micro-batcher ------------------------------------------------------------------------
+
+
+def test_micro_batcher_batches_only_when_queries_overlap(embedder: Any, gallery: Gallery) -> None:
+    from query_api.batching import MicroBatcher
+    from shared.images import decode_image
+
+    tensors = [embedder.preprocess(decode_image(b.read(), max_pixels=10**8))
+               for b in gallery.held_out[:20]]
+    alone = embedder.embed(tensors)
+    batcher = MicroBatcher(embedder.embed, max_size=6, max_wait_s=0.3)
+    batcher.start()
+    try:
+        async def lone() -> Any:
+            batcher.expect()  # announced while "decoding", as the API does
+            return await batcher.embed(tensors[0], expected=True)
+
+        single = asyncio.run(lone())
+        # Nobody else is on the way: it must not wait out the 300 ms window.
+        assert single.batch_size == 1 and single.queue_s < 0.15
+
+        async def together() -> list[Any]:
+            for _ in tensors:
+                batcher.expect()  # as the API does when a query starts decoding
+            return list(await asyncio.gather(*(batcher.embed(t, expected=True) for t in tensors)))
+
+        results = asyncio.run(together())
+    finally:
+        batcher.stop()
+    sizes = [r.batch_size for r in results]
+    assert max(sizes) == 6 and all(1 <= s <= 6 for s in sizes)
+    for result, reference in zip(results, alone, strict=True):
+        assert abs(float(result.vector @ reference) - 1.0) < 1e-4

@@ -177,14 +177,16 @@ def test_up_indexes_serves_and_restarts_without_reindexing(
     ready_s = time.monotonic() - t0
     assert f"search:  {up.url}/" in up.output
     broker = up.broker_pid
-    done = up.wait_for_line(r"indexed: (\d+) stored, (\d+) unchanged, (\d+) failed",
+    done = up.wait_for_line(r"indexed: (\d+) stored, (\d+) failed",
                             INDEX_TIMEOUT_S)
-    assert tuple(map(int, done.groups())) == (len(good), 0, 1)
+    assert tuple(map(int, done.groups())) == (len(good), 1)
     assert up.wait_for_line(rf"{re.escape(str(broken.resolve()))}: undecodable: ", 5)
     up.wait_for_line(r"^ready: ", 30)
     print(f"\nfirst run: /readyz after {ready_s:.1f}s, indexed {len(good)} in "
           f"{time.monotonic() - t0:.1f}s from start")
     assert count(up.url) == len(good)
+    page = httpx.get(f"{up.url}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
     probe = good[len(good) // 2]
     hits = search(up.url, probe)
@@ -203,7 +205,7 @@ def test_up_indexes_serves_and_restarts_without_reindexing(
     second_broker = again.broker_pid
     again.wait_for_line(rf"images:  {len(good) + 1} under .*: {len(good)} already indexed, "
                         r"1 to index", 120)
-    again.wait_for_line(r"^indexed: 0 stored, 0 unchanged, 1 failed", INDEX_TIMEOUT_S)
+    again.wait_for_line(r"^indexed: 0 stored, 1 failed", INDEX_TIMEOUT_S)
     again.wait_for_line(r"^ready: ", 30)
     assert count(again.url) == len(good)
     hits = search(again.url, probe)
@@ -248,7 +250,54 @@ def test_up_stopped_mid_indexing_leaves_a_consistent_store_and_resumes(
     again = start([photos], data)
     again.wait_ready()
     again.wait_for_line(rf"{stored_n} already indexed, {len(good) - stored_n} to index", 120)
-    again.wait_for_line(rf"^indexed: {len(good) - stored_n} stored, 0 unchanged, 0 failed",
+    again.wait_for_line(rf"^indexed: {len(good) - stored_n} stored, 0 failed",
                         INDEX_TIMEOUT_S)
     assert count(again.url) == len(good)
     assert again.stop(signal.SIGINT) == 0
+
+
+def process_dead(pid: int) -> bool:
+    """Gone, or exited and waiting to be reaped by init (a zombie runs nothing)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_a_failed_start_stops_the_broker(tmp_path: Path, photos: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "MODEL_"))}
+    env.update(MODEL_NAME="not_a_real_model", PYTHONUNBUFFERED="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "imgsearch", "up", str(photos), "--data-dir",
+         str(tmp_path / "data"), "--port", str(free_port())],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "MODEL_NAME='not_a_real_model' is not a timm model" in result.stderr
+    assert "--model MODEL_NAME --weights FILE" in result.stderr
+    match = re.search(r"local Tansu, pid (\d+)", result.stdout)
+    assert match, result.stdout
+    assert process_gone(int(match.group(1)))
+    assert "broker:  stopped" in result.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_local_broker_dies_with_a_killed_parent() -> None:
+    # The parent is killed outright: no finally, no atexit. The kernel must stop the broker.
+    script = (
+        "import os, signal\n"
+        "from imgsearch.local_broker import LocalBroker\n"
+        "broker = LocalBroker()\n"
+        "broker.start()\n"
+        "print(broker.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    parent = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert parent.returncode == -signal.SIGKILL
+    pid = int(parent.stdout.strip())
+    deadline = time.monotonic() + 10
+    while not process_dead(pid):
+        assert time.monotonic() < deadline, f"broker {pid} outlived its killed parent"
+        time.sleep(0.1)

@@ -150,11 +150,12 @@ def eval_command(datasets: tuple[Path, ...], copies: bool, labels: bool,
             hint = " (or pass --random-weights to measure speed only)"
         raise click.ClickException(f"{exc}{hint}") from exc
 
+    result.command = _command_line()
     click.echo(rep.terminal(result))
     json_path = json_path or out_dir / "report.json"
     markdown_path = markdown_path or out_dir / "report.md"
     for path, text in ((json_path, rep.to_json(result)),
-                       (markdown_path, rep.markdown(result, _command_line()))):
+                       (markdown_path, rep.markdown(result))):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     click.echo(f"wrote {json_path} and {markdown_path}", err=True)

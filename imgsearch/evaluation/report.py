@@ -202,19 +202,70 @@ METHOD = """\
   *search ms*: one store query, single-threaded, vectors already computed. *query ms*: one
   query end to end (read, decode, embed at batch 1, search). Timings on a shared machine
   move by tens of percent between runs; compare rows of one run.
+
+## Using a variant in production
+
+The collection is created with its variant and keeps it; every process that opens it
+must be configured the same way (a mismatch stops it with a message saying what the
+collection was built with).
+
+| variant | settings when the collection is created |
+|---|---|
+| `random:N` | `VECTOR_REDUCTION=random VECTOR_DIM=N` (`VECTOR_REDUCTION_SEED`, default 0) |
+| `pca:N` | `VECTOR_REDUCTION=pca VECTOR_DIM=N VECTOR_REDUCTION_FILE=<fitted .npz>`; fit it on your gallery with `imgsearch eval DATASET --variants pca:N --save-reductions DIR`. Later processes need only `VECTOR_REDUCTION=pca VECTOR_DIM=N`: the projection is read from the collection. |
+| `int8`, `binary` | `QUANTIZATION=int8` or `binary`; `QUANTIZATION_RESCORE` (default true) and `QUANTIZATION_OVERSAMPLING` (default 4 for binary) apply per query |
+| `random:1280+binary` | `VECTOR_REDUCTION=random VECTOR_DIM=1280 QUANTIZATION=binary`: a rotation, then binary |
+
+Qdrant builds the HNSW index and the quantized copy of a segment once it holds more than
+`VECTOR_INDEXING_THRESHOLD_KB` of vectors (Qdrant's default: 10 MB, about 2,000 vectors of
+1,280 dimensions); smaller collections are scanned exactly in float32.
 """
+
+
+def _copy_findings(run: ModelRun) -> list[str]:
+    """What the full-size reference says about the hard edits, in words, from its numbers."""
+    ref = run.variants[0]
+    copies = ref.copies or {}
+    lines = []
+    parts = [e for e in ("half", "crop80", "jpeg30") if e in copies]
+    if "combined" in copies and parts:
+        alone = ", ".join(f"{e} {copies[e]:.3f}" for e in parts)
+        if copies["combined"] < min(copies[e] for e in parts):
+            lines.append(
+                f"The combined edit reaches {copies['combined']:.3f}, below each of its parts "
+                f"alone ({alone}): the copy shows the centre 80% of the photo at half its "
+                "resolution (e.g. a 227-px square becomes 91 px) with JPEG q30 blocks; "
+                "preprocessing scales that up to the model's input and keeps its centre, so "
+                "the query sees about 70% of the original's width at half its resolution."
+            )
+        else:
+            lines.append(f"The combined edit reaches {copies['combined']:.3f} (its parts alone: "
+                         f"{alone}).")
+    misses = ref.copy_misses
+    hard = [e for e in copies if e != "overall" and misses.get(e, {}).get("misses")]
+    if hard:
+        described = [f"{e} {misses[e]['same_label']}/{misses[e]['misses']}" for e in hard]
+        lines.append(
+            "Misses whose first hit carries the source's label, per edit: "
+            + ", ".join(described) + ". A miss of that kind found another photo of the same "
+            "label: the embedding kept what the image shows, but too little of what makes "
+            "this photo differ from its neighbours."
+        )
+    return [*lines, ""] if lines else []
 
 
 def markdown(report: EvalReport, command: str | None = None) -> str:
     ks = _ks(report)
     kmax = max(ks)
     out = ["# Retrieval quality, speed and memory", "", INTRO]
+    command = command or report.command
     if command:
         out += ["Produced by:", "", "```", command, "```", ""]
     env = report.environment
     out.append(
         f"Run {report.created} on {env.get('cpu_count')} CPU cores ({env.get('cpu')}), "
-        f"device {env.get('device')}, torch {env.get('torch')}, timm {env.get('timm')}, "
+        f"device {env.get('device')} (AMP {env.get('embed_amp', 'off')}), torch "
+        f"{env.get('torch')}, timm {env.get('timm')}, "
         f"qdrant-edge {env.get('qdrant_edge')}."
     )
     out.append("")
@@ -269,6 +320,9 @@ def markdown(report: EvalReport, command: str | None = None) -> str:
             out += _md_table(headers, rows)
             out += [f"{run.model}: {run.copy_queries:,} edited copies." for run in copy_runs]
             out.append("")
+            for run in copy_runs:
+                if run.quality_meaningful:
+                    out += _copy_findings(run)
 
         out += ["### Speed", ""]
         rows = []

@@ -54,7 +54,6 @@ from shared.store.base import VectorStore
 
 Progress = Callable[[str], None]
 COLLECTION = "eval"
-REDUCTIONS = ("none", "random", "pca")
 QUANTIZATIONS = ("none", "int8", "binary")
 
 
@@ -153,6 +152,9 @@ class VariantResult:
     timings: dict[str, float]
     labels: dict[str, float] | None = None
     copies: dict[str, float] | None = None
+    # Per edit, of the copies whose first hit was not their source: how many, and how many
+    # of those first hits carry the source's label (the right kind of thing, another photo).
+    copy_misses: dict[str, dict[str, int]] = field(default_factory=dict)
     relative: dict[str, float] = field(default_factory=dict)  # vs the full-size reference
 
 
@@ -169,6 +171,7 @@ class ModelRun:
     copy_queries: int
     timings: dict[str, float]
     variants: list[VariantResult]
+    skipped: list[str] = field(default_factory=list)  # variants that cannot run, and why
 
 
 @dataclass
@@ -192,6 +195,7 @@ class EvalReport:
     datasets: list[DatasetInfo]
     runs: list[ModelRun]
     notes: list[str] = field(default_factory=list)
+    command: str | None = None
 
 
 # -- the cache that lets each variant go through the real pipeline --------------------------
@@ -239,14 +243,12 @@ class MemoEmbedder:
 # -- steps ---------------------------------------------------------------------------------
 
 
-def load_model(choice: ModelChoice, settings: Settings) -> Embedder:
-    return Embedder(
-        choice.name,
-        weights=choice.weights,
-        pretrained=not choice.random_weights,
-        device=settings.device,
-        channels_last=settings.channels_last,
-    )
+def load_model(choice: ModelChoice, base: dict[str, Any]) -> Embedder:
+    """The model as the services would load it (device, AMP, threads from Settings)."""
+    return Embedder.from_settings(load_settings(**{
+        **base, "qdrant_url": None, "model_name": choice.name, "model_weights": choice.weights,
+        "model_pretrained": not choice.random_weights,
+    }))
 
 
 def _variant_settings(base: dict[str, Any], model: ModelChoice, variant: Variant,
@@ -508,6 +510,17 @@ def _run_variant(n: int, variant: Variant, *, dataset: Dataset, gallery: list[It
                                              [q.copy_sources[i] for i in pick])
             copies["overall"] = top1_accuracy(firsts, q.copy_sources)
             result.copies = copies
+            if dataset.has_labels:
+                label_of = {i.image_id: i.label for i in dataset.items}
+                for edit in copies:
+                    missed = [i for i, (e, s) in enumerate(zip(q.copy_edits, q.copy_sources,
+                                                                strict=True))
+                              if (edit == "overall" or e == edit) and firsts[i] != s]
+                    result.copy_misses[edit] = {
+                        "misses": len(missed),
+                        "same_label": sum(firsts[i] is not None and label_of[firsts[i]]
+                                          == label_of[q.copy_sources[i]] for i in missed),
+                    }
             searches, search_s = searches + len(ranked), search_s + elapsed
         if searches:
             timings["search_ms"] = search_s / searches * 1000
@@ -538,9 +551,18 @@ def run_model(dataset: Dataset, model: ModelChoice, variants: Sequence[Variant],
     probe = load_settings(**{**base, "qdrant_url": None})
     say(f"{dataset.name}: loading {model.name}"
         + (" with RANDOM weights (speed only)" if model.random_weights else ""))
-    embedder = load_model(model, probe)
+    embedder = load_model(model, base)
     memo = MemoEmbedder(embedder)
     ordered = [Variant()] + [v for v in dict.fromkeys(variants) if not v.is_reference]
+    # A PCA has at most as many axes as it has sample vectors: refuse now, not mid-run.
+    fit_size = min(options.pca_sample, len(gallery))
+    skipped = [f"{v.name}: a PCA to {v.dim} dimensions needs at least {v.dim} gallery vectors "
+               f"to fit on, and this run has {fit_size} (gallery {len(gallery)}, --pca-sample "
+               f"{options.pca_sample})"
+               for v in ordered if v.reduction == "pca" and (v.dim or 0) > fit_size]
+    ordered = [v for v in ordered if not (v.reduction == "pca" and (v.dim or 0) > fit_size)]
+    for reason in skipped:
+        say(f"  skipping {reason}")
 
     state: dict[str, Any] = {}
 
@@ -581,7 +603,7 @@ def run_model(dataset: Dataset, model: ModelChoice, variants: Sequence[Variant],
         quality_meaningful=not model.random_weights, dim=embedder.dim, gallery=len(gallery),
         label_queries=int((q.label_num_relevant > 0).sum()),
         label_queries_without_relevant=int((q.label_num_relevant <= 0).sum()),
-        copy_queries=len(q.copy_sources), timings=timings, variants=results,
+        copy_queries=len(q.copy_sources), timings=timings, variants=results, skipped=skipped,
     )
 
 
@@ -610,6 +632,7 @@ def environment(settings: Settings) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": settings.device,
+        "embed_amp": settings.embed_amp,
     }
 
 
@@ -636,7 +659,9 @@ def evaluate(datasets: Sequence[Dataset], models: Sequence[ModelChoice],
             copies_of=min(options.copies_sample, len(gallery)) if options.copies else 0,
         ))
         for model in models:
-            runs.append(run_model(dataset, model, variants, options, base, say))
+            run = run_model(dataset, model, variants, options, base, say)
+            notes += [f"{dataset.name} / {model.name}: skipped {reason}" for reason in run.skipped]
+            runs.append(run)
     probe = load_settings(**{**base, "qdrant_url": None})
     return EvalReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

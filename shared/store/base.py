@@ -163,7 +163,7 @@ class VectorStore(abc.ABC):
         """Raise StoreError unless the store answers."""
 
     def optimize(self) -> None:
-        """Give the store a chance to build indexes while the writer is idle."""
+        """Build search indexes now, where the backend needs to be told (the embedded one)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
