@@ -132,6 +132,8 @@ class MicroBatcher:
     async def embed(self, tensor: torch.Tensor, *, expected: bool = False) -> EmbedResult:
         """Embed one preprocessed image. ``expected``: it was announced with ``expect``."""
         if not self.running:
+            if expected:
+                self.withdraw()
             raise RuntimeError("the micro-batcher is not running (app lifespan not started?)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[EmbedResult] = loop.create_future()

@@ -24,6 +24,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev,detect]"
+# The detector's packages, without their declared pins (see pyproject's detect extra).
+.venv/bin/python -m pip install -q --no-deps "yolov5==7.0.14" "ultralytics==8.4.190"
 
 # Photos and weights for the tests live beside the repo (see README, "Tests").
 export IMGSEARCH_ASSETS=${IMGSEARCH_ASSETS:-$(cd .. && pwd)/shared}

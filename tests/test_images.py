@@ -9,6 +9,7 @@ from PIL import Image
 
 from shared.errors import ImageTooLargeError, UndecodableImageError
 from shared.images import decode_image
+from tests.bad_inputs import png_bomb
 
 
 def encode(image: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -38,8 +39,8 @@ def test_transparency_becomes_white() -> None:
 
 
 def test_pixel_bomb_is_refused_from_the_header() -> None:
-    # A 20000x20000 PNG of one colour compresses to a few hundred KB.
-    bomb = encode(Image.new("L", (20_000, 20_000)), "PNG")
+    # A valid PNG header claiming 20000x20000 pixels, with almost no data behind it.
+    bomb = png_bomb(20_000, 20_000)
     with pytest.raises(ImageTooLargeError, match="400,000,000 pixels"):
         decode_image(bomb, max_pixels=40_000_000)
 
