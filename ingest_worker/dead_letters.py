@@ -45,33 +45,41 @@ def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
 
 
 class DeadLetterQueue:
-    """Writes failed records to the DLQ topic; ``flush`` confirms them before a commit."""
+    """Writes failed records to the DLQ topic. ``send`` only queues; ``flush`` sends and
+    waits for the broker's acknowledgement, and the worker commits only after it.
+
+    A failed flush keeps every letter for the next one, so a broker hiccup delays dead
+    letters but never drops them (a retried flush may write a letter twice).
+    """
 
     def __init__(self, producer: KafkaProducer, topic: str) -> None:
         self.producer = producer
         self.topic = topic
-        self._pending: list[Any] = []
+        self._unsent: list[tuple[Any, ImgSearchError]] = []
 
     def send(self, record: Any, error: ImgSearchError) -> None:
-        original_headers = list(record.headers or [])
-        self._pending.append(
-            self.producer.send(
-                self.topic,
-                key=record.key,
-                value=record.value,
-                headers=original_headers + error_headers(record, error),
-            )
-        )
+        self._unsent.append((record, error))
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until every sent record is acknowledged; raise BrokerError otherwise."""
-        pending, self._pending = self._pending, []
+        """Send every queued letter and wait for its ack; raise BrokerError otherwise."""
+        if not self._unsent:
+            return
         try:
+            futures = [
+                self.producer.send(
+                    self.topic,
+                    key=record.key,
+                    value=record.value,
+                    headers=list(record.headers or []) + error_headers(record, error),
+                )
+                for record, error in self._unsent
+            ]
             self.producer.flush(timeout=timeout_s)
-            for future in pending:
+            for future in futures:
                 future.get(timeout=timeout_s)
         except KafkaError as exc:
             raise BrokerError(f"dead-letter write to {self.topic!r} failed: {exc}") from exc
+        self._unsent = []
 
     def close(self) -> None:
         self.producer.close()

@@ -39,6 +39,8 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         "acks": "all",
         "retries": 5,
         "linger_ms": 5,
+        # Fail fast when the broker is away, instead of blocking send() for a minute.
+        "max_block_ms": 10_000,
         "max_request_size": max(1_048_576, settings.fetch_max_bytes * 2),
     }
     config.update(overrides)
@@ -106,5 +108,5 @@ class EventPublisher:
     def flush(self, timeout_s: float | None = None) -> None:
         self.producer.flush(timeout=timeout_s)
 
-    def close(self) -> None:
-        self.producer.close()
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.producer.close(timeout=timeout_s)
