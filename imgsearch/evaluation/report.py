@@ -196,13 +196,16 @@ METHOD = """\
   dimension, the sign; pooled CNN features come after a ReLU and are all >= 0, so binary
   needs a rotation first (`random:<full dim>+binary`, or a PCA).
 * **Bytes per vector** are measured from the store's files: *float32* is the original
-  vectors (kept, on disk when quantized, for rescoring), *quantized* the copy that search
-  scans (kept in RAM), *HNSW* the graph's links.
+  vectors (kept for rescoring; with quantization they may live on disk), *quantized* the
+  copy that search scans (kept in RAM), *HNSW* the graph's links.
 * **Speed.** *ingest img/s*: the whole pipeline, with the model, on this machine.
-  *search ms*: one store query, single-threaded, vectors already computed. *query ms*: one
-  query end to end (read, decode, embed at batch 1, search). Timings on a shared machine
-  move by tens of percent between runs; compare rows of one run.
+  *search ms*: the median store query, single-threaded, vectors already computed. *query
+  ms*: one query end to end (read, decode, embed at batch 1, search). Timings taken on a
+  machine shared with other work move a lot between runs (ingest img/s by 2-4x): compare
+  rows of one run, and rerun on your own hardware for absolute numbers.
+"""
 
+PRODUCTION = """\
 ## Using a variant in production
 
 The collection is created with its variant and keeps it; every process that opens it
@@ -349,4 +352,5 @@ def markdown(report: EvalReport, command: str | None = None) -> str:
                 f"{report.options['seed']} (`--seed`).", ""]
     if report.notes:
         out += ["### Notes", "", *(f"* {n}" for n in report.notes), ""]
+    out.append(PRODUCTION)
     return "\n".join(out).rstrip() + "\n"
