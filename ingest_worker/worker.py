@@ -275,7 +275,9 @@ class IngestWorker:
         # Give in-flight events of these partitions a moment to finish and be committed;
         # whatever is still running after that is replayed by the partitions' next owner.
         deadline = time.monotonic() + REVOKE_DRAIN_S
-        while self._offsets.in_flight(revoked) and time.monotonic() < deadline:
+        pipeline_alive = self._staged is not None and self._staged.error is None
+        while (pipeline_alive and self._offsets.in_flight(revoked)
+               and time.monotonic() < deadline):
             time.sleep(0.05)
             self._settle_quietly()
         self._settle_quietly()

@@ -151,6 +151,10 @@ def _process_state_kept() -> Iterator[None]:
     the detector sends nothing over the network."""
     environ = dict(os.environ)
     path = list(sys.path)
+    # ultralytics also monkey-patches PIL.Image.open (on an unidentified image it tries
+    # to pip-install and import pi-heif) and torch.save, process-wide. Put them back:
+    # every other decode in the product must keep Pillow's own behaviour.
+    image_open, torch_save = Image.open, torch.save
     os.environ["YOLO_OFFLINE"] = "true"
     try:
         yield
@@ -159,6 +163,7 @@ def _process_state_kept() -> Iterator[None]:
             del os.environ[key]
         os.environ.update(environ)
         sys.path[:] = path
+        Image.open, torch.save = image_open, torch_save
 
 
 def _import_yolov5() -> tuple[Any, Any, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from shared.config import load_settings
@@ -366,6 +367,7 @@ def connect(self, address):
     return real_connect(self, address)
 socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
 from pathlib import Path
+import torch
 from PIL import Image
 from shared.detection import Detector
 detector = Detector(Path({str(yolo_weights)!r}))
@@ -404,6 +406,7 @@ def test_torchscript_export_runs_without_the_package(
 import json, sys
 sys.modules["yolov5"] = None  # the package-free path must not need it
 from pathlib import Path
+import torch
 from PIL import Image
 from shared.detection import Detector
 detector = Detector(Path({str(exported)!r}))
@@ -490,3 +493,17 @@ def test_largest_crop_finds_the_pasted_birds_original(
               f"{birds_found}/50; {len(backgrounds)} backgrounds)")
     assert hits_cropped >= 40, (hits_cropped, hits_whole)
     assert hits_cropped >= hits_whole + 10, (hits_cropped, hits_whole)
+
+
+def test_loading_the_detector_leaves_pillow_and_torch_alone(detector: Detector) -> None:
+    """ultralytics patches PIL.Image.open and torch.save on import; the rest of the product
+    must keep their own behaviour (an unknown format is undecodable, not an import error)."""
+    from PIL import Image as PILImage
+
+    from shared.errors import UndecodableImageError
+    from shared.images import decode_image
+
+    assert PILImage.open.__module__ == "PIL.Image"
+    assert torch.save.__module__ == "torch.serialization"
+    with pytest.raises(UndecodableImageError):
+        decode_image(b"just some text, named .jpg", max_pixels=10_000)

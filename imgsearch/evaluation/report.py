@@ -185,7 +185,8 @@ METHOD = """\
   Averaged over the queries that have at least one relevant item.
 * **Find the source.** Originals are indexed; edited copies of a seeded sample of them
   query; *top-1* is how often the original comes first. The edits are fixed (see the table
-  below) and seeded per image, so reruns give the same numbers.
+  below) and seeded per image, so reruns make the same copies. Qdrant builds its HNSW
+  graphs in parallel, so approximate search can move the third decimal between runs.
 * **Reductions** (`VECTOR_REDUCTION`, `VECTOR_DIM`): `random:N` is a seeded random
   orthogonal projection; `pca:N` projects on the top principal axes (uncentred) of up to
   2,000 gallery vectors. The matrix is stored with the collection; queries go through the
