@@ -49,7 +49,8 @@ class CollectionSpec:
     indexing_threshold_kb: int | None = None
 
     def metadata(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"dim": self.dim, "distance": self.distance, **self.model}
+        # The collection's own dim and distance win over the model's (they differ after a reduction).
+        info: dict[str, Any] = {**self.model, "dim": self.dim, "distance": self.distance}
         if self.reduction is not None:
             if "matrix_b64" not in self.reduction:
                 raise ConfigError(

@@ -194,7 +194,10 @@ class QdrantStore(VectorStore):
         return int(result.count)
 
     def ping(self) -> None:
-        self._call(lambda: self.client.get_collection(self.spec.name), "ping")
+        # collection_exists, not get_collection: the latter ships the whole collection
+        # metadata, which holds a stored projection matrix (megabytes) when one is used.
+        if not self._call(lambda: self.client.collection_exists(self.spec.name), "ping"):
+            raise StoreError(f"collection {self.spec.name!r} is gone from {self.client}")
 
     def close(self) -> None:
         self.client.close()
