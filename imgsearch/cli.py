@@ -44,6 +44,22 @@ def parse_metadata(pairs: tuple[str, ...]) -> dict[str, Any]:
     return metadata
 
 
+def files_or_exit(paths: tuple[Path, ...], id_prefix: str = "") -> list[Any]:
+    """The image files under ``paths`` with their ids, or a clear error when there are none."""
+    from imgsearch.files import IMAGE_SUFFIXES
+    from imgsearch.publish import collect
+
+    try:
+        files = collect(list(paths), id_prefix)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not files:
+        raise click.ClickException(
+            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(map(str, paths))}"
+        )
+    return files
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imgsearch")
 def cli() -> None:
@@ -65,17 +81,12 @@ def publish(paths: tuple[Path, ...], inline: bool, metadata: tuple[str, ...],
     """
     from tqdm import tqdm
 
-    from imgsearch.publish import collect, publish_files
+    from imgsearch.publish import publish_files
     from shared.kafka import EventPublisher
 
     settings = settings_or_exit()
     meta = parse_metadata(metadata)
-    try:
-        files = collect(list(paths), id_prefix)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    if not files:
-        raise click.ClickException(f"no image files ({', '.join(sorted(_suffixes()))}) under {', '.join(map(str, paths))}")
+    files = files_or_exit(paths, id_prefix)
     if not inline and settings.image_file_roots:
         outside = [f for f in files if not any(f.path.is_relative_to(r.resolve()) for r in settings.image_file_roots)]
         if outside:
@@ -95,12 +106,6 @@ def publish(paths: tuple[Path, ...], inline: bool, metadata: tuple[str, ...],
     finally:
         publisher.close()
     click.echo(f"published {len(result.published)} events to {settings.kafka_topic}", err=True)
-
-
-def _suffixes() -> frozenset[str]:
-    from imgsearch.files import IMAGE_SUFFIXES
-
-    return IMAGE_SUFFIXES
 
 
 @cli.command()

@@ -151,8 +151,7 @@ def index(paths: tuple[Path, ...], data_dir: Path | None, model: str | None,
     """
     from tqdm import tqdm
 
-    from imgsearch.cli import parse_metadata, settings_or_exit
-    from imgsearch.publish import collect
+    from imgsearch.cli import files_or_exit, parse_metadata, settings_or_exit
     from shared.components import Components
     from shared.errors import ImgSearchError
     from shared.logs import setup_logging
@@ -167,12 +166,7 @@ def index(paths: tuple[Path, ...], data_dir: Path | None, model: str | None,
     settings: Settings = settings_or_exit(**overrides)
     setup_logging(_quiet_level())
     meta = parse_metadata(metadata)
-    try:
-        files = collect(list(paths), id_prefix)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    if not files:
-        raise click.ClickException(f"no image files under {', '.join(map(str, paths))}")
+    files = files_or_exit(paths, id_prefix)
 
     try:
         components = Components.load(settings)
