@@ -46,7 +46,7 @@ def create_app(
     """Build the app around loaded components. The caller owns (and closes) ``components``
     and ``publisher``; a publisher made by ``publisher_factory`` is closed by the app."""
     settings = settings or components.settings
-    engine = QueryEngine(components.embedder, components.store, settings)
+    engine = QueryEngine(components.embedder, components.store, settings, components.cropper)
     service = Service(
         settings=settings,
         engine=engine,

@@ -1,5 +1,10 @@
-"""The query path: decode and preprocess in a thread pool, embed through the
-micro-batcher, search the store off the event loop."""
+"""The query path: decode (and detect) and preprocess in a thread pool, embed through the
+micro-batcher, search the store off the event loop.
+
+With a detector, a query is cropped the way the gallery was (``crop``: largest, all or
+none; the ingest setting by default). ``all`` embeds the whole image and each detected
+object; their searches are merged, each image keeping its best score.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, Literal
 
 import anyio.to_thread
 import numpy as np
@@ -22,26 +28,41 @@ from query_api.batching import MicroBatcher
 from query_api.errors import ApiError
 from query_api.params import SearchParams
 from shared.config import Settings
+from shared.detection import Crop, Cropper, shrink_for_detection, whole_box
 from shared.embedding import Embedder
 from shared.images import decode_image
 from shared.store.base import Hit, VectorStore
+
+QueryCrop = Literal["none", "largest", "all"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class QueryVector:
-    vector: np.ndarray
-    decode_s: float
+    """A query image's vectors: one per crop (the whole image unless cropped)."""
+
+    vectors: list[np.ndarray]
+    crops: list[dict[str, Any]]  # Crop.payload() of each vector's crop
+    decode_s: float  # decode, detect and preprocess
     queue_s: float
     embed_s: float
     batch_size: int
+    detect_s: float | None = None
+
+    @property
+    def vector(self) -> np.ndarray:
+        return self.vectors[0]
 
 
 class QueryEngine:
-    def __init__(self, embedder: Embedder, store: VectorStore, settings: Settings) -> None:
+    def __init__(self, embedder: Embedder, store: VectorStore, settings: Settings,
+                 cropper: Cropper | None = None) -> None:
         self.embedder = embedder
         self.store = store
+        self.cropper = cropper or Cropper(None)
+        # Queries are treated as the gallery was: the ingest workers' CROP_MODE by default.
+        self.default_crop: QueryCrop = settings.crop_mode if self.cropper.detects else "none"
         self.max_pixels = settings.image_max_pixels
         self.warmup_enabled = settings.api_warmup
         self._decode_pool = ThreadPoolExecutor(
@@ -73,6 +94,8 @@ class QueryEngine:
         sample = io.BytesIO()
         Image.new("RGB", (320, 240), (120, 160, 90)).save(sample, format="JPEG")
         self._prepare(sample.getvalue())  # first-use costs of the decoder and transforms
+        if self.cropper.detects:
+            self._prepare(sample.getvalue(), "all")  # and of the detector's first pass
         _, height, width = self.embedder.data_config["input_size"]
         sizes = sorted({*range(1, min(self.batcher.max_size, 16) + 1), self.batcher.max_size})
         for size in sizes:
@@ -82,23 +105,49 @@ class QueryEngine:
 
     # -- queries -----------------------------------------------------------------------------
 
-    def _prepare(self, data: bytes) -> torch.Tensor:
-        # The same decode and preprocessing as ingest (shared/images.py, Embedder.preprocess).
-        return self.embedder.preprocess(decode_image(data, max_pixels=self.max_pixels))
+    def _prepare(
+        self, data: bytes, crop: QueryCrop = "none"
+    ) -> tuple[list[Crop], list[torch.Tensor], float | None]:
+        """The crops to search with and their tensors, and the detection's seconds.
 
-    async def embed_image(self, data: bytes) -> QueryVector:
+        The same decode, detector and preprocessing as ingest (shared/pipeline.py).
+        """
+        image = decode_image(data, max_pixels=self.max_pixels)
+        if crop == "none":
+            return [Crop(whole_box(image.size))], [self.embedder.preprocess(image)], None
+        started = time.perf_counter()
+        crops = self.cropper.with_mode(crop).crops_for(
+            [shrink_for_detection(image)], [image.size])[0]
+        detect_s = time.perf_counter() - started
+        return crops, [self.embedder.preprocess(c.image) for c in crops], detect_s  # type: ignore[arg-type]
+
+    async def embed_image(self, data: bytes, crop: QueryCrop = "none") -> QueryVector:
+        """Embed a query image, cropped as ``crop`` says (it needs a detector unless none)."""
+        if crop != "none" and not self.cropper.detects:
+            raise ApiError(
+                422, "crop_unavailable",
+                f"crop={crop} needs an object detector, and this service runs without one "
+                "(DETECTOR=none); use crop=none or set DETECTOR=yolov5",
+            )
         loop = asyncio.get_running_loop()
         self.batcher.expect()
         started = time.perf_counter()
         try:
-            tensor = await loop.run_in_executor(self._decode_pool, self._prepare, data)
+            crops, tensors, detect_s = await loop.run_in_executor(
+                self._decode_pool, self._prepare, data, crop)
         except BaseException:
             self.batcher.withdraw()
             raise
         decode_s = time.perf_counter() - started
-        result = await self.batcher.embed(tensor, expected=True)
-        return QueryVector(result.vector, decode_s, result.queue_s, result.embed_s,
-                           result.batch_size)
+        for _ in tensors[1:]:
+            self.batcher.expect()  # the other crops arrive at once: one forward pass for all
+        results = await asyncio.gather(
+            *(self.batcher.embed(t, expected=True) for t in tensors))
+        return QueryVector(
+            [r.vector for r in results], [c.payload() for c in crops], decode_s,
+            max(r.queue_s for r in results), max(r.embed_s for r in results),
+            max(r.batch_size for r in results), detect_s,
+        )
 
     async def check_image(self, data: bytes) -> None:
         """Raise ImageError unless the bytes decode within the pixel limit."""
@@ -119,22 +168,36 @@ class QueryEngine:
         return stored.vector
 
     async def search(
-        self, vector: np.ndarray, params: SearchParams, *, exclude: Sequence[str] = ()
+        self, vector: np.ndarray | Sequence[np.ndarray], params: SearchParams, *,
+        exclude: Sequence[str] = (),
     ) -> tuple[list[Hit], float]:
+        """Search with one vector, or with several (a query's crops) merged: each image
+        keeps the best score any of them gave it."""
         started = time.perf_counter()
         if params.contradictory:
             return [], 0.0
-        hits = await anyio.to_thread.run_sync(
-            partial(
-                self.store.search,
-                vector,
-                limit=params.limit,
-                offset=params.offset,
-                score_threshold=params.score_threshold,
-                filters=params.filters or None,
-                exclude_image_ids=exclude,
+        vectors = [vector] if isinstance(vector, np.ndarray) else list(vector)
+        if len(vectors) == 1:
+            window = {"limit": params.limit, "offset": params.offset}
+        else:  # every page of the merge needs each search's whole prefix
+            window = {"limit": params.offset + params.limit, "offset": 0}
+        found: list[Hit] = []
+        for v in vectors:
+            found += await anyio.to_thread.run_sync(
+                partial(
+                    self.store.search,
+                    v,
+                    score_threshold=params.score_threshold,
+                    filters=params.filters or None,
+                    exclude_image_ids=exclude,
+                    **window,
+                )
             )
-        )
+        if len(vectors) > 1:
+            best: dict[str, Hit] = {}
+            for hit in sorted(found, key=lambda h: h.score, reverse=True):
+                best.setdefault(hit.image_id, hit)
+            found = list(best.values())[params.offset : params.offset + params.limit]
         elapsed = time.perf_counter() - started
         metrics.SEARCH_SECONDS.observe(elapsed)
-        return hits, elapsed
+        return found, elapsed

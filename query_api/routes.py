@@ -20,12 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from query_api import metrics
 from query_api.auth import KeyChecker
-from query_api.engine import QueryEngine
+from query_api.engine import QueryCrop, QueryEngine
 from query_api.errors import ApiError, error_response, error_responses
 from query_api.params import SearchParams, search_params_dependency
 from query_api.publishing import Publishing
 from query_api.schemas import (
     CountResponse,
+    CropInfo,
     HealthResponse,
     QueryTiming,
     ReadyResponse,
@@ -79,6 +80,7 @@ def _hits(hits: list[Hit], with_metadata: bool) -> list[SearchHit]:
             score=h.score,
             uri=h.payload.get("uri"),
             metadata=dict(h.payload.get("metadata") or {}) if with_metadata else None,
+            matched=CropInfo.model_validate(h.payload["crop"]) if h.payload.get("crop") else None,
         )
         for h in hits
     ]
@@ -143,7 +145,8 @@ def build_router(service: Service) -> APIRouter:
             return error_response(503, "store_unavailable", f"the vector store does not answer: {exc}")
         info = engine.embedder.info
         return ReadyResponse(model=info.name, dim=info.dim, device=str(engine.embedder.device),
-                             batching=engine.batcher.enabled, collection=service.collection)
+                             batching=engine.batcher.enabled, collection=service.collection,
+                             crop=engine.default_crop)
 
     @router.get("/", response_class=FileResponse, tags=["web page"],
                 summary="The search web page",
@@ -169,21 +172,35 @@ def build_router(service: Service) -> APIRouter:
         # A default, not Annotated[...]: with postponed annotations FastAPI could not
         # resolve the closure's name.
         params: SearchParams = Depends(search_params),  # noqa: B008
+        crop: QueryCrop | None = Query(
+            None,
+            description=(
+                "Search with the query's largest detected object (`largest`), with the whole "
+                "image and each object, merged (`all`), or with the whole image (`none`). "
+                f"Defaults to the gallery's setting: `{engine.default_crop}` here. Anything "
+                "but `none` needs a detector (DETECTOR=yolov5)."
+            ),
+        ),
     ) -> SearchResponse:
         started = time.perf_counter()
         upload = await read_image(request, settings.api_max_upload_bytes)
         read_s = time.perf_counter() - started
-        query = await engine.embed_image(upload.data)
-        hits, search_s = await engine.search(query.vector, params)
+        mode: QueryCrop = crop or engine.default_crop
+        query = await engine.embed_image(upload.data, mode)
+        hits, search_s = await engine.search(query.vectors, params)
+        detect_s = query.detect_s
         return SearchResponse(
             hits=_hits(hits, params.with_metadata),
             limit=params.limit,
             offset=params.offset,
             next_offset=_next_offset(params, len(hits), settings.api_max_offset),
             model=engine.embedder.info.name,
+            crop=mode,
+            query_crops=[CropInfo.model_validate(c) for c in query.crops],
             timing=QueryTiming(
                 total_ms=_ms(time.perf_counter() - started) or 0.0,
-                read_ms=_ms(read_s), decode_ms=_ms(query.decode_s), queue_ms=_ms(query.queue_s),
+                read_ms=_ms(read_s), decode_ms=_ms(query.decode_s - (detect_s or 0.0)),
+                detect_ms=_ms(detect_s), queue_ms=_ms(query.queue_s),
                 embed_ms=_ms(query.embed_s), batch_size=query.batch_size,
                 search_ms=_ms(search_s) or 0.0,
             ),

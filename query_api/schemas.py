@@ -29,12 +29,30 @@ class ErrorResponse(BaseModel):
     )
 
 
+class CropInfo(BaseModel):
+    """A part of an image that was embedded: a detected object, or the whole image."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    cropped: bool = Field(description="True for a detected object, false for the whole image.")
+    box: list[float] = Field(description="[x0, y0, x1, y1] in the image's original pixels.")
+    object_class: str | None = Field(
+        None, alias="class", description="The detector's class name (COCO), if cropped."
+    )
+    confidence: float | None = Field(None, description="The detector's confidence, if cropped.")
+
+
 class SearchHit(BaseModel):
     image_id: str
     score: float = Field(description="Cosine similarity, -1..1; higher is more alike.")
     uri: str | None = Field(description="Where the image was ingested from; null for uploads.")
     metadata: dict[str, MetadataValue] | None = Field(
         description="The image's metadata; null when with_metadata=false."
+    )
+    matched: CropInfo | None = Field(
+        None,
+        description="The stored part that matched best: a detected object (CROP_MODE=all "
+        "or largest) or the whole image; null for images ingested before crops were recorded.",
     )
 
 
@@ -44,6 +62,7 @@ class QueryTiming(BaseModel):
     total_ms: float
     read_ms: float | None = Field(None, description="Receiving the request body.")
     decode_ms: float | None = Field(None, description="Decoding and preprocessing the image.")
+    detect_ms: float | None = Field(None, description="Finding objects to crop (crop != none).")
     queue_ms: float | None = Field(None, description="Waiting to join a forward pass.")
     embed_ms: float | None = Field(None, description="The forward pass this query shared.")
     batch_size: int | None = Field(None, description="Queries embedded in that forward pass.")
@@ -60,6 +79,12 @@ class SearchResponse(BaseModel):
     )
     query_image_id: str | None = Field(
         None, description="The stored image searched by (similar); null for uploads."
+    )
+    crop: str | None = Field(
+        None, description="How the query image was cropped: none, largest or all (uploads)."
+    )
+    query_crops: list[CropInfo] | None = Field(
+        None, description="The parts of the query image that were searched with (uploads)."
     )
     model: str
     timing: QueryTiming
@@ -103,3 +128,4 @@ class ReadyResponse(BaseModel):
     device: str
     batching: bool
     collection: str
+    crop: str = Field("none", description="How queries are cropped by default (CROP_MODE).")

@@ -55,6 +55,11 @@ CropMode = Literal["largest", "all"]
 
 INSTALL_HINT = "pip install 'imgsearch[detect]'"
 PAD_VALUE = 114  # YOLOv5's letterbox grey
+# Decoded photos wait for the detector in memory (up to a few batches of them), so the
+# pipeline keeps them at most this long on their long side: twice the detector's input,
+# and enough for a crop of a tenth of the photo to still fill most of a 224 px model input.
+# Boxes stay in the original's coordinates.
+DETECT_MAX_SIDE = 1280
 # A Hugging Face repo id ("owner/name"), as opposed to a file path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".torchscript")
@@ -92,6 +97,15 @@ class Crop:
             record["class"] = self.detection.class_name
             record["confidence"] = round(self.detection.confidence, 4)
         return record
+
+
+def shrink_for_detection(image: Image.Image) -> Image.Image:
+    """``image`` at most DETECT_MAX_SIDE on its long side (a new image when it shrinks)."""
+    if max(image.size) <= DETECT_MAX_SIDE:
+        return image
+    scale = DETECT_MAX_SIDE / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def whole_box(size: Size) -> Box:
@@ -555,6 +569,25 @@ class Cropper:
     @classmethod
     def from_settings(cls, settings: Settings, *, device: str | torch.device) -> Cropper:
         return cls(Detector.from_settings(settings, device=device), settings.crop_mode)
+
+    @property
+    def detects(self) -> bool:
+        return self.detector is not None
+
+    @property
+    def signature(self) -> str | None:
+        """What decides the crops (detector, its settings, the mode); None without one.
+
+        Stored with every point, so re-ingesting an image after any of it changed embeds
+        it again instead of skipping it as unchanged.
+        """
+        if self.detector is None:
+            return None
+        return json.dumps({**self.detector.info, "crop_mode": self.mode}, sort_keys=True)
+
+    def with_mode(self, mode: CropMode) -> Cropper:
+        """The same detector, another mode (a query's ``crop`` parameter)."""
+        return self if mode == self.mode else Cropper(self.detector, mode)
 
     def crops_for(
         self, images: Sequence[Image.Image], original_sizes: Sequence[Size] | None = None

@@ -1,10 +1,16 @@
-"""The one ingest pipeline: fetch, decode, embed, upsert.
+"""The one ingest pipeline: fetch, decode, (detect,) embed, upsert.
 
 The Kafka worker and the batch tools (``imgsearch index``, ``imgsearch eval``) hand it
 batches of events; it returns what happened to each one. Per-event failures (a bad URI,
 an undecodable image) are reported, never raised, so one poison pill does not fail the
 other events of its batch. A store failure is raised for the whole batch, because
 nothing of it may be committed as done.
+
+With a detector (DETECTOR=yolov5), the decoded image waits for the embed stage, which
+finds the objects of a whole batch in one forward pass on the model's device, cuts the
+crops from the same decoded pixels and embeds them: CROP_MODE=largest stores one point
+per image (its largest object, or the whole image), CROP_MODE=all stores the whole image
+plus one box point per object (shared/store/base.py).
 """
 
 from __future__ import annotations
@@ -19,18 +25,21 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 
+from shared.detection import Crop, Cropper, shrink_for_detection, whole_box
 from shared.embedding import Embedder
 from shared.errors import ImgSearchError
 from shared.events import Event, ImageDeleted, ImageUploaded
 from shared.fetch import ImageFetcher
 from shared.images import decode_image, sha256_hex
-from shared.store.base import PointRecord, StoredImage, VectorStore
+from shared.store.base import PARENT_FIELD, PointRecord, StoredImage, VectorStore
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["stored", "deleted", "unchanged", "failed"]
-STAGES = ("fetch", "decode", "embed", "upsert")
+# "detect" covers finding the objects and cutting and preprocessing their crops.
+STAGES = ("fetch", "decode", "detect", "embed", "upsert")
 
 
 @dataclass(frozen=True)
@@ -71,13 +80,20 @@ class BatchReport:
 
 @dataclass
 class Prepared:
-    """An upload after fetch and decode: ready for the model."""
+    """An upload after fetch and decode: ready for the model, unless already stored."""
 
     sha256: str
-    tensor: torch.Tensor | None  # None when the stored point is already identical
     fetch_s: float
     decode_s: float
-    record: PointRecord | None = None  # set by embed()
+    size: tuple[int, int] = (0, 0)  # the decoded original's (width, height)
+    tensor: torch.Tensor | None = None  # preprocessed whole image (no detector)
+    image: Image.Image | None = None  # decoded pixels for the detector, until embed()
+    records: list[PointRecord] = field(default_factory=list)  # set by embed()
+
+    @property
+    def unchanged(self) -> bool:
+        """The store already holds exactly this upload: nothing to embed or write."""
+        return self.tensor is None and self.image is None and not self.records
 
 
 class IngestPipeline:
@@ -92,8 +108,10 @@ class IngestPipeline:
         embed_batch_size: int = 32,
         fetch_retries: int = 3,
         skip_unchanged: bool = True,
+        cropper: Cropper | None = None,
     ) -> None:
         self.embedder = embedder
+        self.cropper = cropper or Cropper(None)
         self.store = store
         self.fetcher = fetcher
         self.max_pixels = max_pixels
@@ -104,6 +122,11 @@ class IngestPipeline:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this pipeline runs (no "detect" without a detector)."""
+        return STAGES if self.cropper.detects else tuple(s for s in STAGES if s != "detect")
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -144,21 +167,51 @@ class IngestPipeline:
         t1 = time.perf_counter()
         digest = sha256_hex(data)
         if existing is not None and self.is_unchanged(event, digest, existing.payload):
-            return Prepared(digest, None, t1 - t0, 0.0)
+            return Prepared(digest, t1 - t0, 0.0)
         image = decode_image(data, max_pixels=self.max_pixels)
-        tensor = self.embedder.preprocess(image)
-        return Prepared(digest, tensor, t1 - t0, time.perf_counter() - t1)
+        if self.cropper.detects:
+            prepared = Prepared(digest, t1 - t0, 0.0, image.size,
+                                image=shrink_for_detection(image))
+        else:
+            prepared = Prepared(digest, t1 - t0, 0.0, image.size,
+                                tensor=self.embedder.preprocess(image))
+        prepared.decode_s = time.perf_counter() - t1
+        return prepared
 
-    def embed(self, batch: Sequence[tuple[ImageUploaded, Prepared]]) -> list[PointRecord]:
-        """Stage 2: one forward pass per chunk of embed_batch_size; returns the points."""
-        records: list[PointRecord] = []
+    def embed(self, batch: Sequence[tuple[ImageUploaded, Prepared]]) -> dict[str, float]:
+        """Stage 2: detect (with a detector) and embed, in chunks of embed_batch_size
+        images; sets each Prepared's ``records``. Returns busy seconds per stage."""
+        busy = {"detect": 0.0, "embed": 0.0}
         for i in range(0, len(batch), self.embed_batch_size):
             chunk = batch[i : i + self.embed_batch_size]
-            vectors = self.embedder.embed([p.tensor for _, p in chunk])  # type: ignore[misc]
-            for (event, prep), vector in zip(chunk, vectors, strict=True):
-                prep.record = PointRecord(event.image_id, vector, self._payload(event, prep.sha256))
-                records.append(prep.record)
-        return records
+            if not self.cropper.detects:
+                started = time.perf_counter()
+                vectors = self.embedder.embed([p.tensor for _, p in chunk])  # type: ignore[misc]
+                busy["embed"] += time.perf_counter() - started
+                for (event, prep), vector in zip(chunk, vectors, strict=True):
+                    prep.records = [self._record(event, prep, Crop(whole_box(prep.size)),
+                                                 vector, 0, 0)]
+                    prep.tensor = None
+                continue
+            started = time.perf_counter()
+            crops = self.cropper.crops_for([p.image for _, p in chunk],  # type: ignore[misc]
+                                           [p.size for _, p in chunk])
+            flat = [c for per_image in crops for c in per_image]
+            # Preprocessing is CPU work per crop: spread it over the decode pool.
+            tensors = list(self._pool.map(self.embedder.preprocess, [c.image for c in flat]))
+            busy["detect"] += time.perf_counter() - started
+            started = time.perf_counter()
+            crop_vectors = [v for j in range(0, len(tensors), self.embed_batch_size)
+                            for v in self.embedder.embed(tensors[j : j + self.embed_batch_size])]
+            busy["embed"] += time.perf_counter() - started
+            at = 0
+            for (event, prep), per_image in zip(chunk, crops, strict=True):
+                boxes = len(per_image) - 1 if self.cropper.mode == "all" else 0
+                prep.records = [self._record(event, prep, c, crop_vectors[at + k], k, boxes)
+                                for k, c in enumerate(per_image)]
+                at += len(per_image)
+                prep.image = None  # the pixels are not needed any more
+        return busy
 
     def write(self, records: Sequence[PointRecord], deletes: Sequence[str]) -> None:
         """Stage 3: durable upserts and deletes. StoreError propagates: nothing is done."""
@@ -172,18 +225,30 @@ class IngestPipeline:
             and payload.get("uri") == event.uri
             and payload.get("metadata") == event.metadata
             and payload.get("model") == self.embedder.info.name
+            and payload.get("detector") == self.cropper.signature
         )
 
-    def _payload(self, event: ImageUploaded, digest: str) -> dict[str, Any]:
-        return {
+    def _record(self, event: ImageUploaded, prep: Prepared, crop: Crop, vector: Any,
+                index: int, boxes: int) -> PointRecord:
+        """The point of an image (index 0) or of its index-th detected object."""
+        payload: dict[str, Any] = {
             "image_id": event.image_id,
             "uri": event.uri,  # never the inline bytes
             "metadata": event.metadata,
             "model": self.embedder.info.name,
-            "sha256": digest,
+            "sha256": prep.sha256,
             "event_id": event.event_id,
             "ingested_at": datetime.now(timezone.utc).isoformat(),
+            "size": list(prep.size),
+            "crop": crop.payload(),
         }
+        if self.cropper.signature is not None:
+            payload["detector"] = self.cropper.signature
+        if index == 0:
+            payload["box_points"] = boxes
+        else:
+            payload[PARENT_FIELD] = event.image_id
+        return PointRecord(event.image_id, vector, payload, crop_index=index)
 
     # -- a batch -----------------------------------------------------------------------------
 
@@ -222,11 +287,11 @@ class IngestPipeline:
                 final[it.event.image_id] = it
 
         to_embed = [
-            it for it in final.values() if id(it) in prepared and prepared[id(it)].tensor is not None
+            it for it in final.values() if id(it) in prepared and not prepared[id(it)].unchanged
         ]
-        t0 = time.perf_counter()
-        records = self.embed([(it.event, prepared[id(it)]) for it in to_embed])  # type: ignore[misc]
-        report.stage_seconds["embed"] = time.perf_counter() - t0
+        busy = self.embed([(it.event, prepared[id(it)]) for it in to_embed])  # type: ignore[misc]
+        report.stage_seconds.update(busy)
+        records = [r for it in to_embed for r in prepared[id(it)].records]
 
         t0 = time.perf_counter()
         deletes = [it.event.image_id for it in final.values() if isinstance(it.event, ImageDeleted)]
@@ -238,7 +303,7 @@ class IngestPipeline:
                 report.results.append(results[id(it)])
             elif isinstance(it.event, ImageDeleted):
                 report.results.append(ItemResult(it, "deleted"))
-            elif prepared[id(it)].tensor is None:
+            elif prepared[id(it)].unchanged:
                 report.results.append(ItemResult(it, "unchanged"))
             else:
                 report.results.append(ItemResult(it, "stored"))

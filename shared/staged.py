@@ -3,7 +3,9 @@
     submit ─▶ prepare pool ─▶ embed thread ─▶ write thread ─▶ on_done(result)
               fetch, hash,     batches of up   batches of
               decode,          to BATCH_SIZE   upserts and
-              preprocess       or MAX_WAIT     deletes
+              preprocess       or MAX_WAIT:    deletes
+                               (detect, crop,)
+                               embed
 
 Each stage hides behind the slowest one (on CPU, the model). The stage code is
 IngestPipeline's own (shared/pipeline.py); this module only schedules it.
@@ -41,8 +43,8 @@ class _Job:
     item: WorkItem
     submitted_at: float = field(default_factory=time.monotonic)
     prepared: Prepared | None = None
-    vector_index: int = -1
-    embed_s: float = 0.0
+    # This job's share of its embed batch's busy time, per stage ("detect", "embed").
+    busy: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,7 +87,8 @@ class StagedPipeline:
         self.retry_max_s = retry_max_s
         self.ready = threading.Event()
         self.ready.set()
-        self.busy_seconds = dict.fromkeys(STAGES, 0.0)  # cumulative, for benchmarks
+        self.stages = pipeline.stages
+        self.busy_seconds = dict.fromkeys(self.stages, 0.0)  # cumulative, for benchmarks
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
@@ -171,7 +174,7 @@ class StagedPipeline:
         with self._lock:
             self.busy_seconds["fetch"] += job.prepared.fetch_s
             self.busy_seconds["decode"] += job.prepared.decode_s
-        if job.prepared.tensor is None:
+        if job.prepared.unchanged:
             self._finish(job, ItemResult(job.item, "unchanged"))
         else:
             self._embed_q.put(job)
@@ -201,21 +204,20 @@ class StagedPipeline:
             if jobs is None or self._closing.is_set():
                 return
             try:
-                started = time.perf_counter()
-                records = self.pipeline.embed(
+                busy = self.pipeline.embed(
                     [(j.item.event, j.prepared) for j in jobs]  # type: ignore[misc]
                 )
-                took = time.perf_counter() - started
             except BaseException as exc:
                 log.exception("embedding failed unexpectedly")
                 self.error = exc
                 self.ready.clear()
                 return
             with self._lock:
-                self.busy_seconds["embed"] += took
-            for job, record in zip(jobs, records, strict=True):
-                job.embed_s = took / len(jobs)
-                job.prepared.record = record  # type: ignore[union-attr]
+                for stage, seconds in busy.items():
+                    if stage in self.busy_seconds:
+                        self.busy_seconds[stage] += seconds
+            for job in jobs:
+                job.busy = {stage: seconds / len(jobs) for stage, seconds in busy.items()}
                 self._write_q.put(job)
 
     def _write_loop(self) -> None:
@@ -223,19 +225,21 @@ class StagedPipeline:
             jobs = self._gather(self._write_q, self.batch_size * 2)
             if jobs is None:
                 return
-            records = [j.prepared.record for j in jobs if j.prepared is not None]
+            records = [r for j in jobs if j.prepared is not None for r in j.prepared.records]
             deletes = [j.item.event.image_id for j in jobs if isinstance(j.item.event, ImageDeleted)]
             took = self._write_with_retry(records, deletes)  # type: ignore[arg-type]
             if took is None:
                 return  # closing: abandon; nothing of this batch is reported done
-            batch = WriteBatch(results=[])
+            batch = WriteBatch(results=[], stage_seconds=dict.fromkeys(self.stages, 0.0))
             batch.stage_seconds["upsert"] = took
             batch.latency_s = time.monotonic() - min(j.submitted_at for j in jobs)
             for job in jobs:
                 if job.prepared is not None:
                     batch.stage_seconds["fetch"] += job.prepared.fetch_s
                     batch.stage_seconds["decode"] += job.prepared.decode_s
-                batch.stage_seconds["embed"] += job.embed_s
+                for stage, seconds in job.busy.items():
+                    if stage in batch.stage_seconds:
+                        batch.stage_seconds[stage] += seconds
                 outcome = "deleted" if isinstance(job.item.event, ImageDeleted) else "stored"
                 batch.results.append(ItemResult(job.item, outcome))  # type: ignore[arg-type]
             with self._lock:

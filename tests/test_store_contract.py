@@ -11,7 +11,7 @@ import pytest
 from qdrant_client import QdrantClient
 
 from shared.errors import CollectionMismatchError, StoreError
-from shared.store.base import CollectionSpec, PointRecord, VectorStore
+from shared.store.base import PARENT_FIELD, CollectionSpec, PointRecord, VectorStore
 from shared.store.edge import EdgeStore
 from shared.store.qdrant import QdrantStore
 
@@ -142,3 +142,69 @@ def test_embedded_store_refuses_a_second_holder(tmp_path: Path) -> None:
         assert not info.value.retriable
     finally:
         first.close()
+
+
+# -- box points (CROP_MODE=all): an image's detected objects are points of their own ---------
+
+
+def with_boxes(image_id: str, vectors: list[np.ndarray], label: str = "x") -> list[PointRecord]:
+    """The image's own point (vectors[0]) and one box point per further vector."""
+    base = {"image_id": image_id, "uri": f"file:///x/{image_id}.jpg", "metadata": {"label": label}}
+    own = PointRecord(image_id, vectors[0], {**base, "box_points": len(vectors) - 1})
+    boxes = [PointRecord(image_id, v, {**base, PARENT_FIELD: image_id, "crop": {"box": [k]}},
+                         crop_index=k)
+             for k, v in enumerate(vectors[1:], start=1)]
+    return [own, *boxes]
+
+
+def points_in(store: VectorStore) -> int:
+    """Every point, box points included: what the store holds underneath."""
+    if isinstance(store, EdgeStore):
+        import qdrant_edge as qe
+
+        return int(store.shard.count(qe.CountRequest(exact=True)))
+    assert isinstance(store, QdrantStore)
+    return int(store.client.count(store.spec.name, exact=True).count)
+
+
+def test_box_points_count_once_and_search_returns_each_image_once(store: VectorStore) -> None:
+    rng = np.random.default_rng(3)
+    target = unit(rng.normal(size=DIM))
+    near = [unit(target + 0.05 * rng.normal(size=DIM)) for _ in range(4)]
+    store.upsert(with_boxes("scene", [near[0], near[1], near[2]]))  # two objects like target
+    store.upsert(with_boxes("other", [near[3]]))
+    store.upsert(records(30, seed=4))
+    assert store.count() == 32 and points_in(store) == 34
+
+    hits = store.search(target, limit=10)
+    ids = [h.image_id for h in hits]
+    assert len(ids) == len(set(ids)) == 10, ids
+    assert set(ids[:2]) == {"scene", "other"}
+    # The image's best point stands for it, and it says which part matched.
+    scene = next(h for h in hits if h.image_id == "scene")
+    assert scene.score == pytest.approx(max(float(v @ target) for v in near[:3]), abs=1e-4)
+    # Paging over images, not points: pages neither overlap nor skip.
+    pages = [h.image_id for off in (0, 5) for h in store.search(target, limit=5, offset=off)]
+    assert pages == ids
+    # Excluding an image excludes its objects too (similar-images search).
+    assert "scene" not in [h.image_id for h in store.search(target, exclude_image_ids=["scene"])]
+
+
+def test_reingest_replaces_box_points_and_delete_removes_them(store: VectorStore) -> None:
+    rng = np.random.default_rng(5)
+    vectors = [unit(rng.normal(size=DIM)) for _ in range(4)]
+    store.upsert(with_boxes("scene", vectors))  # the image and 3 objects
+    store.upsert(records(3, seed=6))
+    assert points_in(store) == 7
+
+    store.upsert(with_boxes("scene", vectors[:2]))  # re-ingested: one object now
+    assert points_in(store) == 5 and store.count() == 4
+    assert store.search(vectors[3], limit=1)[0].score < 0.99  # the dropped object is gone
+
+    store.upsert([PointRecord("scene", vectors[0], {"image_id": "scene"})])  # no crops at all
+    assert points_in(store) == 4
+
+    store.upsert(with_boxes("scene", vectors))
+    store.delete(["scene"])
+    assert points_in(store) == 3 and store.count() == 3
+    assert "scene" not in [h.image_id for h in store.search(vectors[2], limit=10)]

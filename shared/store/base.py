@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +20,26 @@ FilterValue = str | int | float | bool
 Filters = Mapping[str, FilterValue]
 
 
-def point_id(image_id: str) -> str:
-    return str(uuid.uuid5(POINT_NAMESPACE, image_id))
+# --- Crops (CROP_MODE=all, shared/detection.py) ---
+# Each detected object of an image is a point of its own ("box point"), beside the image's
+# own point. Box points carry the image's id as ``image_id`` (so hits group back to it)
+# and again under PARENT_FIELD, which the image's own point never has: a filter on it
+# finds or excludes an image's box points, and a keyword index keeps that cheap.
+PARENT_FIELD = "parent_image_id"
+CROP_NAMESPACE = uuid.UUID("0d8e5d8a-6c1b-4f7e-a5f3-43b8a1c2e7d4")
+# Grouped search asks the store for more points until it has enough distinct images;
+# never more than this many in one query.
+MAX_GROUP_FETCH = 10_000
+
+
+def point_id(image_id: str, crop_index: int = 0) -> str:
+    """The point of an image (crop_index 0) or of its crop_index-th detected object.
+
+    Box points use their own namespace, so no image id can collide with one.
+    """
+    if crop_index == 0:
+        return str(uuid.uuid5(POINT_NAMESPACE, image_id))
+    return str(uuid.uuid5(CROP_NAMESPACE, f"{crop_index}:{image_id}"))
 
 
 # --- Vectors: reduction and quantization ---
@@ -109,6 +127,11 @@ class PointRecord:
     image_id: str
     vector: np.ndarray
     payload: dict[str, Any]
+    crop_index: int = 0  # 0: the image's own point; k >= 1: its k-th box point
+
+    @property
+    def point_id(self) -> str:
+        return point_id(self.image_id, self.crop_index)
 
 
 @dataclass(frozen=True)
@@ -127,7 +150,13 @@ class StoredImage:
 
 class VectorStore(abc.ABC):
     """One collection of image vectors. Every method raises StoreError on failure;
-    ``upsert`` and ``delete`` return only once the write is durable."""
+    ``upsert`` and ``delete`` return only once the write is durable.
+
+    An image is its own point plus, with CROP_MODE=all, one box point per detected
+    object. Every method speaks of images: ``upsert`` replaces an image's box points with
+    those in the batch, ``delete`` removes them all, ``search`` returns each image once
+    (at its best-matching point), ``count`` counts images.
+    """
 
     spec: CollectionSpec
     # The collection's metadata as stored (CollectionSpec.metadata() of its creator).
@@ -174,6 +203,25 @@ class VectorStore(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def group_hits(fetch: Callable[[int], list[Hit]], *, limit: int, offset: int) -> list[Hit]:
+    """Page ``offset:offset+limit`` of distinct images from a point search.
+
+    ``fetch(n)`` returns the best ``n`` points, best first. An image whose box points
+    also match appears once, with its best point. Without box points the first fetch
+    already holds enough distinct images, so this costs one query.
+    """
+    want = offset + limit
+    size = want
+    while True:
+        points = fetch(size)
+        best: dict[str, Hit] = {}
+        for hit in points:
+            best.setdefault(hit.image_id, hit)
+        if len(best) >= want or len(points) < size or size >= MAX_GROUP_FETCH:
+            return list(best.values())[offset:want]
+        size = min(MAX_GROUP_FETCH, size * 4)
 
 
 def payload_key(filter_key: str) -> str:

@@ -23,12 +23,14 @@ import qdrant_edge as qe
 
 from shared.errors import ConfigError, StoreError
 from shared.store.base import (
+    PARENT_FIELD,
     CollectionSpec,
     Filters,
     Hit,
     PointRecord,
     StoredImage,
     VectorStore,
+    group_hits,
     payload_key,
     point_id,
 )
@@ -59,16 +61,36 @@ def _search_params(spec: CollectionSpec) -> qe.SearchParams | None:
     )
 
 
-def _filter(filters: Filters | None, exclude_ids: Sequence[str]) -> qe.Filter | None:
+def _filter(
+    filters: Filters | None, exclude_ids: Sequence[str], *, images_only: bool = False
+) -> qe.Filter | None:
     must: list[Any] = [
         qe.FieldCondition(payload_key(k), match=qe.MatchValue(v)) for k, v in (filters or {}).items()
     ]
+    if images_only:  # the images' own points, not their box points
+        must.append(qe.IsEmptyCondition(PARENT_FIELD))
     must_not: list[Any] = []
     if exclude_ids:
         must_not.append(qe.HasIdCondition({point_id(i) for i in exclude_ids}))
+        must_not.append(_parents(exclude_ids))
     if not must and not must_not:
         return None
     return qe.Filter(must=must or None, must_not=must_not or None)
+
+
+def _parents(image_ids: Sequence[str]) -> qe.FieldCondition:
+    """The box points of these images."""
+    return qe.FieldCondition(PARENT_FIELD, match=qe.MatchAny(list(image_ids)))
+
+
+def _box_points_of(image_ids: Sequence[str]) -> Any:
+    return qe.UpdateOperation.delete_points_by_filter(qe.Filter(must=[_parents(image_ids)]))
+
+
+def _index_parents(shard: qe.EdgeShard) -> None:
+    # Every upsert and delete filters on the parent field: keep that an index lookup.
+    shard.update(qe.UpdateOperation.create_field_index(PARENT_FIELD, qe.PayloadSchemaType.Keyword))
+    shard.flush()
 
 
 class EdgeStore(VectorStore):
@@ -104,7 +126,10 @@ class EdgeStore(VectorStore):
             stored = json.loads(self._spec_file.read_text())
             self.spec.check_compatible(stored.get("metadata"), int(stored.get("dim", -1)))
             self.stored_metadata = stored.get("metadata") or {}
-            return qe.EdgeShard.load(str(self._shard_dir))
+            shard = qe.EdgeShard.load(str(self._shard_dir))
+            if PARENT_FIELD not in shard.info().payload_schema:
+                _index_parents(shard)  # a collection created before box points existed
+            return shard
         metadata = self.spec.metadata()  # raises before anything is created if it cannot be
         log.info("creating embedded collection %s (%d-d)", self.directory, self.spec.dim)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -118,6 +143,7 @@ class EdgeStore(VectorStore):
             optimizers=qe.EdgeOptimizersConfig(indexing_threshold=threshold) if threshold else None,
         )
         shard = qe.EdgeShard.create(str(self._shard_dir), config)
+        _index_parents(shard)
         # Written last and atomically: a directory without it is an interrupted creation.
         tmp = self._spec_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"dim": self.spec.dim, "metadata": metadata}, indent=2))
@@ -129,10 +155,12 @@ class EdgeStore(VectorStore):
         if not records:
             return
         points = [
-            qe.Point(point_id(r.image_id), r.vector.astype(np.float32).tolist(), r.payload)
-            for r in records
+            qe.Point(r.point_id, r.vector.astype(np.float32).tolist(), r.payload) for r in records
         ]
+        images = sorted({r.image_id for r in records if r.crop_index == 0})
         with self._write_lock:
+            if images:  # the images' old box points go first; the batch brings the current ones
+                self._call(lambda: self.shard.update(_box_points_of(images)), "upsert")
             self._call(lambda: self.shard.update(qe.UpdateOperation.upsert_points(points)), "upsert")
             # The WAL has the write; flush makes it durable before the caller commits offsets.
             self._call(self.shard.flush, "flush")
@@ -143,6 +171,7 @@ class EdgeStore(VectorStore):
             return
         ids: list[Any] = [point_id(i) for i in image_ids]
         with self._write_lock:
+            self._call(lambda: self.shard.update(_box_points_of(image_ids)), "delete")
             self._call(lambda: self.shard.update(qe.UpdateOperation.delete_points(ids)), "delete")
             self._call(self.shard.flush, "flush")
             self._dirty = True
@@ -158,21 +187,26 @@ class EdgeStore(VectorStore):
         exclude_image_ids: Sequence[str] = (),
         with_payload: bool = True,
     ) -> list[Hit]:
-        request = qe.QueryRequest(
-            limit=limit,
-            offset=offset or None,
-            query=qe.Query.Nearest(vector.astype(np.float32).tolist()),
-            with_payload=True,
-            filter=_filter(filters, exclude_image_ids),
-            score_threshold=score_threshold,
-            params=self._search_params,
-        )
-        points = self._call(lambda: self.shard.query(request), "search")
-        return [
-            Hit(image_id=str(p.payload["image_id"]), score=float(p.score), payload=dict(p.payload))
-            for p in points
-            if p.payload
-        ]
+        query = qe.Query.Nearest(vector.astype(np.float32).tolist())
+        query_filter = _filter(filters, exclude_image_ids)
+
+        def points(n: int) -> list[Hit]:
+            request = qe.QueryRequest(
+                limit=n,
+                query=query,
+                with_payload=True,
+                filter=query_filter,
+                score_threshold=score_threshold,
+                params=self._search_params,
+            )
+            found = self._call(lambda: self.shard.query(request), "search")
+            return [
+                Hit(str(p.payload["image_id"]), float(p.score), dict(p.payload))
+                for p in found
+                if p.payload
+            ]
+
+        return group_hits(points, limit=limit, offset=offset)
 
     def get(self, image_ids: Sequence[str], *, with_vector: bool = False) -> dict[str, StoredImage]:
         if not image_ids:
@@ -193,7 +227,7 @@ class EdgeStore(VectorStore):
         return found
 
     def count(self, filters: Filters | None = None) -> int:
-        request = qe.CountRequest(exact=True, filter=_filter(filters, ()))
+        request = qe.CountRequest(exact=True, filter=_filter(filters, (), images_only=True))
         return int(self._call(lambda: self.shard.count(request), "count"))
 
     def ping(self) -> None:

@@ -12,6 +12,7 @@ built with.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class ProjectedStore(VectorStore):
             return
         reduced = self.reduction.apply(np.stack([r.vector for r in records]))
         self.inner.upsert(
-            [PointRecord(r.image_id, v, r.payload) for r, v in zip(records, reduced, strict=True)]
+            [replace(r, vector=v) for r, v in zip(records, reduced, strict=True)]
         )
 
     def delete(self, image_ids: Sequence[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -11,12 +12,14 @@ from qdrant_client import QdrantClient, models
 
 from shared.errors import ConfigError, StoreError
 from shared.store.base import (
+    PARENT_FIELD,
     CollectionSpec,
     Filters,
     Hit,
     PointRecord,
     StoredImage,
     VectorStore,
+    group_hits,
     payload_key,
     point_id,
 )
@@ -51,17 +54,33 @@ def _search_params(spec: CollectionSpec) -> models.SearchParams | None:
     )
 
 
-def _filter(filters: Filters | None, exclude_ids: Sequence[str]) -> models.Filter | None:
+def _filter(
+    filters: Filters | None, exclude_ids: Sequence[str], *, images_only: bool = False
+) -> models.Filter | None:
     must: list[Any] = [
         models.FieldCondition(key=payload_key(k), match=models.MatchValue(value=v))
         for k, v in (filters or {}).items()
     ]
+    if images_only:  # the images' own points, not their box points
+        must.append(models.IsEmptyCondition(is_empty=models.PayloadField(key=PARENT_FIELD)))
     must_not: list[Any] = []
     if exclude_ids:
         must_not.append(models.HasIdCondition(has_id=[point_id(i) for i in exclude_ids]))
+        must_not.append(_parents(exclude_ids))
     if not must and not must_not:
         return None
     return models.Filter(must=must or None, must_not=must_not or None)
+
+
+def _parents(image_ids: Sequence[str]) -> models.FieldCondition:
+    """The box points of these images."""
+    return models.FieldCondition(key=PARENT_FIELD, match=models.MatchAny(any=list(image_ids)))
+
+
+def _box_points_of(image_ids: Sequence[str]) -> models.DeleteOperation:
+    return models.DeleteOperation(
+        delete=models.FilterSelector(filter=models.Filter(must=[_parents(image_ids)]))
+    )
 
 
 class QdrantStore(VectorStore):
@@ -105,33 +124,56 @@ class QdrantStore(VectorStore):
                 ),
             )
             self.stored_metadata = metadata
+            self._index_parents()
             return
         info = self.client.get_collection(name)
         vectors = info.config.params.vectors
         stored_dim = vectors.size if isinstance(vectors, models.VectorParams) else -1
         self.spec.check_compatible(info.config.metadata, stored_dim)
         self.stored_metadata = info.config.metadata or {}
+        if PARENT_FIELD not in (info.payload_schema or {}):
+            self._index_parents()  # a collection created before box points existed
+
+    def _index_parents(self) -> None:
+        # Every upsert and delete filters on the parent field: keep that an index lookup.
+        with warnings.catch_warnings():
+            # Local mode (tests, scripts) scans instead and says so; a server builds the index.
+            warnings.filterwarnings("ignore", "Payload indexes have no effect in the local Qdrant")
+            self.client.create_payload_index(
+                self.spec.name, PARENT_FIELD, field_schema=models.PayloadSchemaType.KEYWORD,
+                wait=True,
+            )
 
     def upsert(self, records: Sequence[PointRecord]) -> None:
         if not records:
             return
         points = [
             models.PointStruct(
-                id=point_id(r.image_id), vector=r.vector.astype(np.float32).tolist(), payload=r.payload
+                id=r.point_id, vector=r.vector.astype(np.float32).tolist(), payload=r.payload
             )
             for r in records
         ]
-        # wait=True: Qdrant answers once the write is applied and in its WAL.
+        images = sorted({r.image_id for r in records if r.crop_index == 0})
+        operations: list[Any] = [_box_points_of(images)] if images else []
+        operations.append(models.UpsertOperation(upsert=models.PointsList(points=points)))
+        # One ordered request: the images' old box points go, then the batch is written.
+        # wait=True: Qdrant answers once the writes are applied and in its WAL.
         self._call(
-            lambda: self.client.upsert(self.spec.name, points=points, wait=True), "upsert"
+            lambda: self.client.batch_update_points(self.spec.name, operations, wait=True),
+            "upsert",
         )
 
     def delete(self, image_ids: Sequence[str]) -> None:
         if not image_ids:
             return
-        selector = models.PointIdsList(points=[point_id(i) for i in image_ids])
+        operations = [
+            _box_points_of(image_ids),
+            models.DeleteOperation(
+                delete=models.PointIdsList(points=[point_id(i) for i in image_ids])
+            ),
+        ]
         self._call(
-            lambda: self.client.delete(self.spec.name, points_selector=selector, wait=True),
+            lambda: self.client.batch_update_points(self.spec.name, operations, wait=True),
             "delete",
         )
 
@@ -146,24 +188,29 @@ class QdrantStore(VectorStore):
         exclude_image_ids: Sequence[str] = (),
         with_payload: bool = True,
     ) -> list[Hit]:
-        response = self._call(
-            lambda: self.client.query_points(
-                self.spec.name,
-                query=vector.astype(np.float32).tolist(),
-                limit=limit,
-                offset=offset,
-                score_threshold=score_threshold,
-                query_filter=_filter(filters, exclude_image_ids),
-                with_payload=True if with_payload else ["image_id"],
-                search_params=_search_params(self.spec),
-            ),
-            "search",
-        )
-        return [
-            Hit(image_id=str(p.payload["image_id"]), score=float(p.score), payload=dict(p.payload))
-            for p in response.points
-            if p.payload
-        ]
+        query = vector.astype(np.float32).tolist()
+        query_filter = _filter(filters, exclude_image_ids)
+
+        def points(n: int) -> list[Hit]:
+            response = self._call(
+                lambda: self.client.query_points(
+                    self.spec.name,
+                    query=query,
+                    limit=n,
+                    score_threshold=score_threshold,
+                    query_filter=query_filter,
+                    with_payload=True if with_payload else ["image_id"],
+                    search_params=_search_params(self.spec),
+                ),
+                "search",
+            )
+            return [
+                Hit(str(p.payload["image_id"]), float(p.score), dict(p.payload))
+                for p in response.points
+                if p.payload
+            ]
+
+        return group_hits(points, limit=limit, offset=offset)
 
     def get(self, image_ids: Sequence[str], *, with_vector: bool = False) -> dict[str, StoredImage]:
         if not image_ids:
@@ -187,7 +234,7 @@ class QdrantStore(VectorStore):
     def count(self, filters: Filters | None = None) -> int:
         result = self._call(
             lambda: self.client.count(
-                self.spec.name, count_filter=_filter(filters, ()), exact=True
+                self.spec.name, count_filter=_filter(filters, (), images_only=True), exact=True
             ),
             "count",
         )
