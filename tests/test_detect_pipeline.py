@@ -30,6 +30,7 @@ from shared.store.qdrant import QdrantStore
 from tests.conftest import asset
 from tests.query_api_support import api_settings
 from tests.test_detection import BACKGROUND_CLASSES, composite, iou, require_yolov5
+from tests.test_web_page import chromium  # noqa: F401 - a fixture
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +281,42 @@ def test_crop_without_a_detector_is_a_clear_422(stack: Any, birds: Path) -> None
         bad = client.post("/search", content=data, params={"crop": "biggest"},
                           headers={"content-type": "image/jpeg"})
         assert bad.status_code == 422
+
+
+def test_the_page_outlines_the_object_it_searched_with(
+    stack: Any, detector: Detector, birds: Path, tmp_path: Path, chromium: str
+) -> None:
+    from tests.test_web_page import ARTIFACTS, in_browser
+
+    s = stack("largest")
+    originals = one_bird_per_species(birds)[:12]
+    s.process([upload(p, p.parent.name + "/" + p.name) for p in originals])
+    sample = asset("data/imagenet-sample")
+    with (sample / "labels.csv").open() as handle:
+        scenes = [load(sample / r["path"]) for r in csv.DictReader(handle)
+                  if r["name"] in BACKGROUND_CLASSES]
+    scene = next(b for b, f in zip(scenes, detector.detect(scenes), strict=True) if not f)
+    query = tmp_path / "bird-in-a-scene.jpg"
+    query.write_bytes(jpeg(composite(load(originals[3]), scene, random.Random(5))))
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    app = create_app(s.components, settings=s.settings)
+    with BackgroundServer(app, port=s.settings.api_port) as srv:
+        async def scenario(page: Any) -> None:
+            await page.goto(srv.url + "/")
+            await page.wait_for_function("!document.querySelector('#crop-option').hidden")
+            await page.set_input_files("#file-input", str(query))
+            await page.wait_for_selector("#results[data-state=done]", timeout=60_000)
+            await page.wait_for_selector(".crop-box", timeout=10_000)
+            label = await page.text_content(".crop-box span")
+            assert label and label.startswith("bird"), label
+            first = await page.eval_on_selector("#results li.card", "e => e.dataset.imageId")
+            assert first == originals[3].parent.name + "/" + originals[3].name
+            assert "detect" in await page.text_content("#timing")
+            await page.screenshot(path=str(ARTIFACTS / "web-page-crop.png"), full_page=True)
+
+            # Searching with the whole image instead drops the outline.
+            await page.select_option("#crop", "none")
+            await page.wait_for_function("!document.querySelector('.crop-box')")
+
+        in_browser(scenario)

@@ -6,6 +6,7 @@ const els = {
   dropzone: $("dropzone"), fileInput: $("file-input"), empty: $("dropzone-empty"),
   query: $("query"), queryImage: $("query-image"), queryCaption: $("query-caption"),
   limit: $("limit"), filter: $("filter"), threshold: $("threshold"), thresholdOut: $("threshold-out"),
+  crop: $("crop"), cropOption: $("crop-option"), queryFrame: $("query-frame"),
   timing: $("timing"), title: $("results-title"), sub: $("results-sub"), error: $("error"),
   results: $("results"), more: $("more"), stats: $("stats"), template: $("card-template"),
   keyDialog: $("key-dialog"), keyInput: $("key-input"), keyForm: $("key-form"), keyCancel: $("key-cancel"),
@@ -77,7 +78,37 @@ function searchParams(offset) {
   }
   const threshold = Number(els.threshold.value);
   if (threshold > 0) params.set("score_threshold", String(threshold));
+  if (state.query && state.query.kind === "upload" && els.crop.value) params.set("crop", els.crop.value);
   return params;
+}
+
+// Outline the detected objects the query was searched with, over the (square, cover-fit)
+// preview. Boxes are in the original's pixels, which the browser shows EXIF-rotated too.
+function drawQueryCrops(crops) {
+  for (const old of els.queryFrame.querySelectorAll(".crop-box")) old.remove();
+  const img = els.queryImage;
+  const boxes = (crops || []).filter((c) => c.cropped);
+  if (!boxes.length) return;
+  const place = () => {
+    const w = img.naturalWidth, h = img.naturalHeight, side = img.clientWidth;
+    if (!w || !h || !side) return;
+    const scale = Math.max(side / w, side / h);
+    const dx = (side - w * scale) / 2, dy = (side - h * scale) / 2;
+    for (const c of boxes) {
+      const [x0, y0, x1, y1] = c.box;
+      const div = document.createElement("div");
+      div.className = "crop-box";
+      Object.assign(div.style, {
+        left: `${dx + x0 * scale}px`, top: `${dy + y0 * scale}px`,
+        width: `${(x1 - x0) * scale}px`, height: `${(y1 - y0) * scale}px`,
+      });
+      const label = document.createElement("span");
+      label.textContent = `${c.class} ${Math.round(c.confidence * 100)}%`;
+      div.appendChild(label);
+      els.queryFrame.appendChild(div);
+    }
+  };
+  if (img.complete && img.naturalWidth) place(); else img.addEventListener("load", place, { once: true });
 }
 
 async function runSearch(append = false) {
@@ -139,8 +170,10 @@ function render(result, append) {
   state.nextOffset = result.next_offset;
   els.more.hidden = result.next_offset === null;
   els.results.dataset.state = "done";
+  if (!append) drawQueryCrops(result.query_crops);
   const t = result.timing;
   const parts = [`${result.hits.length} result${result.hits.length === 1 ? "" : "s"} in ${t.total_ms.toFixed(1)} ms`];
+  if (t.detect_ms !== null && t.detect_ms !== undefined) parts.push(`detect ${t.detect_ms.toFixed(1)} ms (${result.crop})`);
   if (t.embed_ms !== null) parts.push(`decode ${t.decode_ms.toFixed(1)} ms · embed ${t.embed_ms.toFixed(1)} ms (batch of ${t.batch_size})`);
   if (t.lookup_ms !== null) parts.push(`stored vector, no re-embedding`);
   parts.push(`search ${t.search_ms.toFixed(1)} ms`);
@@ -194,6 +227,7 @@ function setQueryImage(src, caption) {
   els.empty.hidden = true;
   els.query.hidden = false;
   els.dropzone.classList.add("has-query");
+  drawQueryCrops([]);
   els.queryImage.src = src;
   els.queryCaption.innerHTML = "";
   const b = document.createElement("b");
@@ -270,6 +304,7 @@ els.threshold.addEventListener("input", () => {
   els.thresholdOut.textContent = v > 0 ? v.toFixed(2) : "off";
 });
 els.threshold.addEventListener("change", () => runSearch());
+els.crop.addEventListener("change", () => runSearch());
 
 async function loadStats() {
   try {
@@ -277,6 +312,8 @@ async function loadStats() {
     const n = document.createElement("b");
     n.textContent = count.count.toLocaleString();
     const model = ready.model ? `  ·  ${ready.model} · ${ready.dim}-d · ${ready.device}` : "";
+    // The crop choice only means something with a detector (queries default to its mode).
+    els.cropOption.hidden = !ready.crop || ready.crop === "none";
     els.stats.replaceChildren(n, document.createTextNode(` images${model}`));
   } catch (err) {
     els.stats.textContent = `service not ready: ${err.message}`;
