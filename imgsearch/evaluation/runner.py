@@ -45,7 +45,7 @@ from imgsearch.files import ImageFile
 from imgsearch.index import file_event
 from shared.components import Components
 from shared.config import Settings, load_settings
-from shared.embedding import Embedder, ModelInfo
+from shared.embedding import Embedder, ModelInfo, merge_views
 from shared.errors import ImgSearchError
 from shared.images import decode_image
 from shared.pipeline import WorkItem
@@ -62,12 +62,14 @@ QUANTIZATIONS = ("none", "int8", "binary")
 
 @dataclass(frozen=True)
 class Variant:
-    """How the store keeps vectors: an optional reduction, then optional quantization."""
+    """How the store keeps vectors: an optional reduction, then optional quantization;
+    and how copies query it (``full_frame``: QUERY_FULL_FRAME_VIEW)."""
 
     reduction: str = "none"
     dim: int | None = None
     quantization: str = "none"
     oversampling: float | None = None  # None: QUANTIZATION_OVERSAMPLING's default
+    full_frame: bool = False
 
     @property
     def name(self) -> str:
@@ -75,22 +77,27 @@ class Variant:
         if self.quantization != "none":
             parts.append(self.quantization + (f":x{self.oversampling:g}" if self.oversampling
                                               else ""))
+        if self.full_frame:
+            parts.append("fullframe")
         return "+".join(parts)
 
     @property
     def is_reference(self) -> bool:
-        return self.reduction == "none" and self.quantization == "none"
+        return self.reduction == "none" and self.quantization == "none" and not self.full_frame
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         """``full``, ``random:320``, ``pca:512``, ``int8``, ``binary``, ``binary:x8`` (rescore
-        8x the results), ``random:1280+binary``: a reduction and a quantization."""
-        reduction, dim, quantization, oversampling = "none", None, "none", None
+        8x the results), ``random:1280+binary``: a reduction and a quantization.
+        ``+fullframe`` queries copies with QUERY_FULL_FRAME_VIEW (e.g. ``full+fullframe``)."""
+        reduction, dim, quantization, oversampling, full_frame = "none", None, "none", None, False
         for part in (p.strip() for p in text.split("+")):
             method, _, size = part.partition(":")
             if method in ("full", "none") and not size:
                 continue
-            if method in QUANTIZATIONS[1:] and (not size or _factor(size[1:]) and size[0] == "x"):
+            if method == "fullframe" and not size:
+                full_frame = True
+            elif method in QUANTIZATIONS[1:] and (not size or _factor(size[1:]) and size[0] == "x"):
                 quantization, oversampling = method, _factor(size[1:]) if size else None
             elif method in ("random", "pca") and size.isdigit() and int(size) > 0:
                 reduction, dim = method, int(size)
@@ -98,9 +105,10 @@ class Variant:
                 raise ValueError(
                     f"cannot read variant {text!r}: use full, random:N, pca:N, int8, binary "
                     "(binary:x8 rescores 8x the results), or a reduction and a quantization "
-                    "joined by '+', e.g. pca:320+int8"
+                    "joined by '+', e.g. pca:320+int8; add +fullframe to query copies with "
+                    "QUERY_FULL_FRAME_VIEW"
                 )
-        return cls(reduction, dim, quantization, oversampling)
+        return cls(reduction, dim, quantization, oversampling, full_frame)
 
 
 def _factor(text: str) -> float | None:
@@ -272,6 +280,7 @@ def _variant_settings(base: dict[str, Any], model: ModelChoice, variant: Variant
         "quantization_rescore": options.rescore,
         "quantization_oversampling": variant.oversampling or options.oversampling,
         "vector_indexing_threshold_kb": 1,
+        "query_full_frame_view": variant.full_frame,
     })
 
 
@@ -320,6 +329,18 @@ def _embed_images(embedder: Embedder | MemoEmbedder, images: Sequence[Any],
     out = [embedder.embed([embedder.preprocess(im) for im in images[i:i + batch_size]])
            for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, embedder.dim), dtype=np.float32)
+
+
+def _full_frame_queries(embedder: Embedder, images: Sequence[Any], default: np.ndarray,
+                        batch_size: int) -> np.ndarray:
+    """QUERY_FULL_FRAME_VIEW's query vectors, given the images' default-view vectors."""
+    full = [embedder.embed([embedder.full_frame_transform(im)
+                            for im in images[i:i + batch_size]])
+            for i in range(0, len(images), batch_size)]
+    if not full:
+        return default
+    both = np.stack([default, np.concatenate(full)], axis=1)  # (n, 2 views, dim)
+    return np.stack([merge_views(views) for views in both])
 
 
 def _open_image(item: Item, settings: Settings) -> Any:
@@ -385,11 +406,13 @@ class _Queries:
     copy_edits: list[str]
     copy_vectors: np.ndarray
     timings: dict[str, float]
+    copy_vectors_full_frame: np.ndarray | None = None  # for +fullframe variants
 
 
 def _prepare_queries(dataset: Dataset, gallery: list[Item], stored: dict[str, np.ndarray],
                      embedder: Embedder, settings: Settings, options: EvalOptions,
-                     edits: list[Edit], sources: list[Item], say: Progress) -> _Queries:
+                     edits: list[Edit], sources: list[Item], say: Progress,
+                     full_frame: bool = False) -> _Queries:
     timings: dict[str, float] = {}
     label_items: list[Item] = []
     vectors: list[np.ndarray] = []
@@ -425,6 +448,7 @@ def _prepare_queries(dataset: Dataset, gallery: list[Item], stored: dict[str, np
     copy_sources: list[str] = []
     copy_edits: list[str] = []
     copy_vectors = np.zeros((0, embedder.dim), dtype=np.float32)
+    full_frame_chunks: list[np.ndarray] = []
     if options.copies:
         originals = [s for s in sources if s.image_id in stored]
         say(f"  embedding {len(originals) * len(edits)} edited copies of {len(originals)} "
@@ -438,13 +462,18 @@ def _prepare_queries(dataset: Dataset, gallery: list[Item], stored: dict[str, np
                 copies = [make_copy(p, edit, seed=options.seed, image_id=s.image_id)
                           for p, s in zip(pictures, block, strict=True)]
                 chunks.append(_embed_images(embedder, copies, options.batch_size))
+                if full_frame:
+                    full_frame_chunks.append(_full_frame_queries(
+                        embedder, copies, chunks[-1], options.batch_size))
                 copy_sources += [s.image_id for s in block]
                 copy_edits += [edit.name] * len(block)
         if chunks:
             copy_vectors = np.concatenate(chunks)
-            timings["copy_embed_img_per_s"] = len(copy_vectors) / (time.perf_counter() - started)
+            timings["copy_embed_img_per_s"] = (
+                len(copy_vectors) * (2 if full_frame else 1) / (time.perf_counter() - started))
     return _Queries(label_items, np.array(vectors, dtype=np.float32).reshape(-1, embedder.dim),
-                    num_relevant, label_exclude, copy_sources, copy_edits, copy_vectors, timings)
+                    num_relevant, label_exclude, copy_sources, copy_edits, copy_vectors, timings,
+                    np.concatenate(full_frame_chunks) if full_frame_chunks else None)
 
 
 def _run_variant(n: int, variant: Variant, *, dataset: Dataset, gallery: list[Item],
@@ -502,7 +531,11 @@ def _run_variant(n: int, variant: Variant, *, dataset: Dataset, gallery: list[It
             result.labels = retrieval_metrics(rel, q.label_num_relevant, options.ks)
             search_s += elapsed
         if len(q.copy_sources):
-            ranked, elapsed = search_ids(components.store, q.copy_vectors,
+            copy_vectors = q.copy_vectors
+            if variant.full_frame:
+                assert q.copy_vectors_full_frame is not None
+                copy_vectors = q.copy_vectors_full_frame
+            ranked, elapsed = search_ids(components.store, copy_vectors,
                                          [None] * len(q.copy_sources), 1)
             firsts = [row[0] if row else None for row in ranked]
             copies: dict[str, float] = {}
@@ -572,7 +605,8 @@ def run_model(dataset: Dataset, model: ModelChoice, variants: Sequence[Variant],
     def after_reference(components: Components, stored: dict[str, np.ndarray]) -> None:
         state["stored"] = stored
         state["queries"] = _prepare_queries(dataset, gallery, stored, embedder, probe, options,
-                                            edits, sources, say)
+                                            edits, sources, say,
+                                            full_frame=any(v.full_frame for v in ordered))
         q: _Queries = state["queries"]
         sample_pool = q.label_items or [s for s in sources if s.image_id in stored] or gallery
         pick = np.random.default_rng(options.seed).choice(
