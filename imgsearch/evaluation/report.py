@@ -233,6 +233,22 @@ Qdrant builds the HNSW index and the quantized copy of a segment once it holds m
 """
 
 
+def _energy_finding(run: ModelRun) -> list[str]:
+    """Why PCA and random projection differ, from this gallery's own vectors."""
+    dims = sorted({int(k.split(":")[1]) for k in run.energy_kept})
+    if not dims:
+        return []
+    kept = ", ".join(f"{n}: PCA {run.energy_kept[f'pca:{n}']:.1%}, random "
+                     f"{run.energy_kept[f'random:{n}']:.1%}" for n in dims)
+    return [
+        f"{run.model}: share of the gallery vectors' energy a projection keeps ({kept}). "
+        "The features use few directions, which PCA keeps; a random projection keeps the "
+        "same share (N/dim) of every direction, and the cosine similarities that separate "
+        "close neighbours move with what it drops.",
+        "",
+    ]
+
+
 def _copy_findings(run: ModelRun) -> list[str]:
     """What the full-size reference says about the hard edits, in words, from its numbers."""
     ref = run.variants[0]
@@ -318,6 +334,8 @@ def markdown(report: EvalReport, command: str | None = None) -> str:
                     out.append(f"{run.model}: {run.label_queries_without_relevant} queries "
                                "have no relevant gallery item and are left out.")
             out.append("")
+            for run in runs:
+                out += _energy_finding(run)
 
         copy_runs = [r for r in runs if r.variants[0].copies]
         if copy_runs:

@@ -180,6 +180,10 @@ class ModelRun:
     timings: dict[str, float]
     variants: list[VariantResult]
     skipped: list[str] = field(default_factory=list)  # variants that cannot run, and why
+    # Share of the gallery vectors' energy (sum of squares) that a projection to N
+    # dimensions keeps, per reduction variant: the top N principal axes for "pca:N", and
+    # N / dim, its expectation, for a random orthogonal "random:N".
+    energy_kept: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -604,6 +608,7 @@ def run_model(dataset: Dataset, model: ModelChoice, variants: Sequence[Variant],
 
     def after_reference(components: Components, stored: dict[str, np.ndarray]) -> None:
         state["stored"] = stored
+        state["energy"] = _energy_kept(stored, ordered, options)
         state["queries"] = _prepare_queries(dataset, gallery, stored, embedder, probe, options,
                                             edits, sources, say,
                                             full_frame=any(v.full_frame for v in ordered))
@@ -641,7 +646,27 @@ def run_model(dataset: Dataset, model: ModelChoice, variants: Sequence[Variant],
         label_queries=int((q.label_num_relevant > 0).sum()),
         label_queries_without_relevant=int((q.label_num_relevant <= 0).sum()),
         copy_queries=len(q.copy_sources), timings=timings, variants=results, skipped=skipped,
+        energy_kept=state.get("energy", {}),
     )
+
+
+def _energy_kept(stored: dict[str, np.ndarray], variants: Sequence[Variant],
+                 options: EvalOptions) -> dict[str, float]:
+    """Why reductions differ: the energy each one keeps of (a sample of) the gallery."""
+    dims = sorted({v.dim for v in variants if v.reduction != "none" and v.dim})
+    if not dims or not stored:
+        return {}
+    ids = sorted(stored)
+    rng = np.random.default_rng(options.seed)
+    pick = np.sort(rng.choice(len(ids), min(options.pca_sample, len(ids)), replace=False))
+    sample = np.stack([stored[ids[i]] for i in pick]).astype(np.float64)
+    squares = np.linalg.svd(sample, compute_uv=False) ** 2
+    total, full_dim = float(squares.sum()), sample.shape[1]
+    kept: dict[str, float] = {}
+    for n in dims:
+        kept[f"pca:{n}"] = float(squares[:n].sum() / total)
+        kept[f"random:{n}"] = n / full_dim
+    return kept
 
 
 def summary_line(result: VariantResult, ks: Sequence[int]) -> str:
