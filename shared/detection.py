@@ -57,7 +57,7 @@ INSTALL_HINT = "pip install 'imgsearch[detect]'"
 PAD_VALUE = 114  # YOLOv5's letterbox grey
 # Decoded photos wait for the detector in memory (up to a few batches of them), so the
 # pipeline keeps them at most this long on their long side: twice the detector's input,
-# and enough for a crop of a tenth of the photo to still fill most of a 224 px model input.
+# and an object a fifth of the photo wide is still 256 px, more than a 224 px model input.
 # Boxes stay in the original's coordinates.
 DETECT_MAX_SIDE = 1280
 # A Hugging Face repo id ("owner/name"), as opposed to a file path.
