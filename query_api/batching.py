@@ -8,6 +8,9 @@ query is on its way (``expect``/``withdraw`` track queries still being decoded),
 lone query pays no batching delay at all.
 
 With batching off the same thread embeds one query per forward pass: the baseline.
+
+The same batcher runs the object detector over query images (``crop=largest|all``):
+``embed`` then takes a decoded image and gives back its crops.
 """
 
 from __future__ import annotations
@@ -19,18 +22,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
-EmbedFn = Callable[[Sequence[torch.Tensor]], np.ndarray]
+# The batched function: one output per input, in order (vectors for the model's tensors).
+EmbedFn = Callable[[Sequence[Any]], Sequence[Any] | np.ndarray]
 
 
 @dataclass(frozen=True)
 class EmbedResult:
-    vector: np.ndarray
+    vector: Any  # this item's output: an np.ndarray vector for the model
     queue_s: float  # from hand-over to the start of its forward pass
     embed_s: float  # the forward pass it shared
     batch_size: int
@@ -47,7 +51,7 @@ class BatchStats:
 
 @dataclass
 class _Item:
-    tensor: torch.Tensor
+    value: Any  # a preprocessed tensor for the model
     future: asyncio.Future[EmbedResult]
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.perf_counter)
@@ -82,6 +86,7 @@ class MicroBatcher:
         max_wait_s: float = 0.004,
         enabled: bool = True,
         on_batch: Callable[[BatchStats], None] | None = None,
+        name: str = "embed",
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
@@ -90,6 +95,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s if enabled else 0.0
         self.enabled = enabled
         self._on_batch = on_batch
+        self.name = name
         self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._incoming = 0  # queries being decoded that will arrive soon
         self._incoming_lock = threading.Lock()
@@ -100,7 +106,7 @@ class MicroBatcher:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="embed", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -129,15 +135,16 @@ class MicroBatcher:
         with self._incoming_lock:
             self._incoming -= 1
 
-    async def embed(self, tensor: torch.Tensor, *, expected: bool = False) -> EmbedResult:
-        """Embed one preprocessed image. ``expected``: it was announced with ``expect``."""
+    async def embed(self, value: Any, *, expected: bool = False) -> EmbedResult:
+        """Embed one preprocessed image (or run the batched function on one ``value``).
+        ``expected``: it was announced with ``expect``."""
         if not self.running:
             if expected:
                 self.withdraw()
             raise RuntimeError("the micro-batcher is not running (app lifespan not started?)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[EmbedResult] = loop.create_future()
-        item = _Item(tensor, future, loop)
+        item = _Item(value, future, loop)
         if expected:
             # No longer "on its way" the moment it is queued: otherwise the collector, taking
             # this very item, would wait for it to arrive (a lone query paying max_wait).
@@ -194,7 +201,7 @@ class MicroBatcher:
     def _forward(self, batch: list[_Item]) -> None:
         started = time.perf_counter()
         try:
-            vectors = self._embed([it.tensor for it in batch])
+            vectors = self._embed([it.value for it in batch])
         except Exception as exc:  # reported to every waiting request, never lost
             log.exception("forward pass of %d queries failed", len(batch))
             for it in batch:

@@ -1,9 +1,11 @@
-"""The query path: decode (and detect) and preprocess in a thread pool, embed through the
+"""The query path: decode and preprocess in a thread pool, embed through the
 micro-batcher, search the store off the event loop.
 
 With a detector, a query is cropped the way the gallery was (``crop``: largest, all or
-none; the ingest setting by default). ``all`` embeds the whole image and each detected
-object; their searches are merged, each image keeping its best score.
+none; the ingest setting by default). Detection has a micro-batcher of its own, so
+concurrent queries share the detector's forward passes as they share the model's.
+``all`` embeds the whole image and each detected object; their searches are merged, each
+image keeping its best score.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class QueryVector:
 
     vectors: list[np.ndarray]
     crops: list[dict[str, Any]]  # Crop.payload() of each vector's crop
-    decode_s: float  # decode, detect and preprocess
+    decode_s: float  # decode and preprocess
     queue_s: float
     embed_s: float
     batch_size: int
@@ -76,6 +78,14 @@ class QueryEngine:
             enabled=settings.api_batching,
             on_batch=metrics.observe_batch,
         )
+        self.detect_batcher = MicroBatcher(
+            self._detect_batch,
+            max_size=settings.api_batch_max_size,
+            max_wait_s=settings.api_batch_max_wait_ms / 1000.0,
+            enabled=settings.api_batching,
+            on_batch=metrics.observe_detect_batch,
+            name="detect",
+        ) if self.cropper.detects else None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -83,8 +93,12 @@ class QueryEngine:
         if self.warmup_enabled:
             self.warm_up()
         self.batcher.start()
+        if self.detect_batcher is not None:
+            self.detect_batcher.start()
 
     def close(self) -> None:
+        if self.detect_batcher is not None:
+            self.detect_batcher.stop()
         self.batcher.stop()
         self._decode_pool.shutdown(wait=True)
 
@@ -94,9 +108,10 @@ class QueryEngine:
         started = time.perf_counter()
         sample = io.BytesIO()
         Image.new("RGB", (320, 240), (120, 160, 90)).save(sample, format="JPEG")
-        self._prepare(sample.getvalue())  # first-use costs of the decoder and transforms
+        image = self._decode(sample.getvalue())  # first-use costs of the decoder, transforms
+        self._preprocess([Crop(whole_box(image.size), image=image)])
         if self.cropper.detects:
-            self._prepare(sample.getvalue(), "all")  # and of the detector's first pass
+            self._detect_batch([(image, image.size, "all")])  # and the detector's first pass
         _, height, width = self.embedder.data_config["input_size"]
         sizes = sorted({*range(1, min(self.batcher.max_size, 16) + 1), self.batcher.max_size})
         for size in sizes:
@@ -106,30 +121,25 @@ class QueryEngine:
 
     # -- queries -----------------------------------------------------------------------------
 
-    def _prepare(
-        self, data: bytes, crop: QueryCrop = "none"
-    ) -> tuple[list[Crop], list[torch.Tensor], float | None]:
-        """The crops to search with, their tensors (one per view, crop after crop), and
-        the detection's seconds.
+    def _decode(self, data: bytes) -> Image.Image:
+        # The same decode, detector and preprocessing as ingest (shared/pipeline.py).
+        return decode_image(data, max_pixels=self.max_pixels)
 
-        The same decode, detector and preprocessing as ingest (shared/pipeline.py).
-        """
-        image = decode_image(data, max_pixels=self.max_pixels)
-        detect_s = None
-        if crop == "none":
-            crops = [Crop(whole_box(image.size), image=image)]
-        else:
-            started = time.perf_counter()
-            crops = self.cropper.with_mode(crop).crops_for(
-                [shrink_for_detection(image)], [image.size])[0]
-            detect_s = time.perf_counter() - started
-        tensors = [t for c in crops for t in self.embedder.preprocess_views(
+    def _preprocess(self, crops: Sequence[Crop]) -> list[torch.Tensor]:
+        """Each crop's input tensors: one per view (QUERY_FULL_FRAME_VIEW adds a second)."""
+        return [t for c in crops for t in self.embedder.preprocess_views(
             c.image, full_frame=self.full_frame_view)]  # type: ignore[arg-type]
-        return crops, tensors, detect_s
+
+    def _detect_batch(self, items: Sequence[tuple[Image.Image, tuple[int, int], QueryCrop]]
+                      ) -> list[list[Crop]]:
+        """Crops of several queries' images, in one detector forward pass."""
+        images, sizes, modes = zip(*items, strict=True)
+        return self.cropper.crops_for(images, sizes, modes)  # type: ignore[arg-type]
 
     async def embed_image(self, data: bytes, crop: QueryCrop = "none") -> QueryVector:
         """Embed a query image, cropped as ``crop`` says (it needs a detector unless none)."""
-        if crop != "none" and not self.cropper.detects:
+        detecting = crop != "none"
+        if detecting and self.detect_batcher is None:
             raise ApiError(
                 422, "crop_unavailable",
                 f"crop={crop} needs an object detector, and this service runs without one "
@@ -137,14 +147,37 @@ class QueryEngine:
             )
         loop = asyncio.get_running_loop()
         self.batcher.expect()
+        if self.detect_batcher is not None and detecting:
+            self.detect_batcher.expect()
         started = time.perf_counter()
         try:
-            crops, tensors, detect_s = await loop.run_in_executor(
-                self._decode_pool, self._prepare, data, crop)
+            image = await loop.run_in_executor(self._decode_pool, self._decode, data)
+        except BaseException:
+            self.batcher.withdraw()
+            if self.detect_batcher is not None and detecting:
+                self.detect_batcher.withdraw()
+            raise
+        decode_s = time.perf_counter() - started
+        detect_s = None
+        if self.detect_batcher is not None and detecting:
+            started = time.perf_counter()
+            try:
+                found = await self.detect_batcher.embed(
+                    (shrink_for_detection(image), image.size, crop), expected=True)
+            except BaseException:
+                self.batcher.withdraw()
+                raise
+            crops: list[Crop] = found.vector
+            detect_s = time.perf_counter() - started
+        else:
+            crops = [Crop(whole_box(image.size), image=image)]
+        started = time.perf_counter()
+        try:
+            tensors = await loop.run_in_executor(self._decode_pool, self._preprocess, crops)
         except BaseException:
             self.batcher.withdraw()
             raise
-        decode_s = time.perf_counter() - started
+        decode_s += time.perf_counter() - started
         for _ in tensors[1:]:
             self.batcher.expect()  # the other crops arrive at once: one forward pass for all
         results = await asyncio.gather(

@@ -59,6 +59,21 @@ MODEL = Info("imgsearch_api_model", "The embedding model and device of this API 
 _CONVERTOR = re.compile(r"\{(\w+):\w+\}")
 
 
+DETECT_SECONDS = Histogram(
+    "imgsearch_api_detect_duration_seconds",
+    "Duration of one object-detector forward pass over queries (crop=largest|all).",
+)
+DETECT_BATCH_SIZE = Histogram(
+    "imgsearch_api_detect_batch_size", "Query images per detector forward pass.",
+    buckets=_BATCH_BUCKETS,
+)
+
+
+def observe_detect_batch(stats: BatchStats) -> None:
+    DETECT_SECONDS.observe(stats.embed_s)
+    DETECT_BATCH_SIZE.observe(stats.size)
+
+
 def observe_batch(stats: BatchStats) -> None:
     EMBED_SECONDS.observe(stats.embed_s)
     BATCH_SIZE.observe(stats.size)

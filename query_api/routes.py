@@ -199,7 +199,7 @@ def build_router(service: Service) -> APIRouter:
             query_crops=[CropInfo.model_validate(c) for c in query.crops],
             timing=QueryTiming(
                 total_ms=_ms(time.perf_counter() - started) or 0.0,
-                read_ms=_ms(read_s), decode_ms=_ms(query.decode_s - (detect_s or 0.0)),
+                read_ms=_ms(read_s), decode_ms=_ms(query.decode_s),
                 detect_ms=_ms(detect_s), queue_ms=_ms(query.queue_s),
                 embed_ms=_ms(query.embed_s), batch_size=query.batch_size,
                 search_ms=_ms(search_s) or 0.0,

@@ -590,16 +590,23 @@ class Cropper:
         return self if mode == self.mode else Cropper(self.detector, mode)
 
     def crops_for(
-        self, images: Sequence[Image.Image], original_sizes: Sequence[Size] | None = None
+        self, images: Sequence[Image.Image], original_sizes: Sequence[Size] | None = None,
+        modes: Sequence[CropMode] | None = None,
     ) -> list[list[Crop]]:
-        """Per image, the crops to embed (``Crop.image`` set), detected in one batch."""
+        """Per image, the crops to embed (``Crop.image`` set), detected in one batch.
+
+        ``modes`` gives each image its own crop mode (queries batched together may ask
+        for different ones); by default every image gets this cropper's mode.
+        """
         sizes = list(original_sizes) if original_sizes is not None else [i.size for i in images]
         if self.detector is None:
             return [[Crop(whole_box(size), image=image)]
                     for image, size in zip(images, sizes, strict=True)]
         detections = self.detector.detect(images, sizes)
+        per_image = list(modes) if modes is not None else [self.mode] * len(images)
         return [
             [replace(c, image=crop(image, c.box, size))
-             for c in select_crops(found, self.mode, size)]
-            for image, size, found in zip(images, sizes, detections, strict=True)
+             for c in select_crops(found, mode, size)]
+            for image, size, found, mode in zip(images, sizes, detections, per_image,
+                                                strict=True)
         ]

@@ -320,3 +320,46 @@ def test_the_page_outlines_the_object_it_searched_with(
             await page.wait_for_function("!document.querySelector('.crop-box')")
 
         in_browser(scenario)
+
+
+def test_concurrent_queries_share_detector_passes_and_get_their_own_boxes(
+    stack: Any, birds: Path
+) -> None:
+    """Query detection is micro-batched like embedding: concurrent queries share a
+    detector forward pass, and each still gets exactly the boxes it gets alone (every
+    image has its own letterbox square, so its batch-mates cannot change its boxes)."""
+    import asyncio
+
+    s = stack("largest")
+    photos = [*detect_photos().values(), *one_bird_per_species(birds)[:6]]
+    s.process([upload(p, p.name, n) for n, p in enumerate(photos)])
+    bodies = [p.read_bytes() for p in photos]
+
+    def detect_batches(client: httpx.Client) -> float:
+        text = client.get("/metrics").text
+        line = next(x for x in text.splitlines()
+                    if x.startswith("imgsearch_api_detect_batch_size_count"))
+        return float(line.split()[-1])
+
+    app = create_app(s.components, settings=s.settings.model_copy(
+        update={"api_batch_max_wait_ms": 50.0}))
+    with BackgroundServer(app, port=s.settings.api_port) as srv, \
+            httpx.Client(base_url=srv.url, timeout=120) as client:
+        alone = [client.post("/search", content=b, params={"crop": "all", "limit": 3},
+                             headers={"content-type": "image/jpeg"}).json() for b in bodies]
+        before = detect_batches(client)
+
+        async def together() -> list[Any]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as ac:
+                return await asyncio.gather(*(
+                    ac.post("/search", content=b, params={"crop": "all", "limit": 3},
+                            headers={"content-type": "image/jpeg"}) for b in bodies))
+
+        concurrent = [r.json() for r in asyncio.run(together())]
+        passes = detect_batches(client) - before
+    assert passes < len(bodies), f"{len(bodies)} concurrent queries took {passes} passes"
+    for one, many in zip(alone, concurrent, strict=True):
+        assert [c["class"] for c in one["query_crops"]] == [c["class"] for c in many["query_crops"]]
+        for a, b in zip(one["query_crops"], many["query_crops"], strict=True):
+            assert iou(a["box"], b["box"]) > 0.99
+        assert [h["image_id"] for h in one["hits"]] == [h["image_id"] for h in many["hits"]]
