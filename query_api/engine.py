@@ -33,7 +33,7 @@ from shared.config import Settings
 from shared.detection import Crop, Cropper, shrink_for_detection, whole_box
 from shared.embedding import Embedder, merge_views
 from shared.images import decode_image
-from shared.store.base import Hit, VectorStore
+from shared.store.base import Hit, VectorStore, best_per_image
 
 QueryCrop = Literal["none", "largest", "all"]
 
@@ -132,9 +132,14 @@ class QueryEngine:
 
     def _detect_batch(self, items: Sequence[tuple[Image.Image, tuple[int, int], QueryCrop]]
                       ) -> list[list[Crop]]:
-        """Crops of several queries' images, in one detector forward pass."""
+        """Crops of several queries' images (decoded, full size), in one detector pass.
+
+        Runs on the detect batcher's thread, so shrinking large photos stays off the
+        event loop.
+        """
         images, sizes, modes = zip(*items, strict=True)
-        return self.cropper.crops_for(images, sizes, modes)  # type: ignore[arg-type]
+        return self.cropper.crops_for([shrink_for_detection(i) for i in images], sizes,
+                                      modes)  # type: ignore[arg-type]
 
     async def embed_image(self, data: bytes, crop: QueryCrop = "none") -> QueryVector:
         """Embed a query image, cropped as ``crop`` says (it needs a detector unless none)."""
@@ -162,8 +167,8 @@ class QueryEngine:
         if self.detect_batcher is not None and detecting:
             started = time.perf_counter()
             try:
-                found = await self.detect_batcher.embed(
-                    (shrink_for_detection(image), image.size, crop), expected=True)
+                found = await self.detect_batcher.embed((image, image.size, crop),
+                                                        expected=True)
             except BaseException:
                 self.batcher.withdraw()
                 raise
@@ -238,10 +243,7 @@ class QueryEngine:
                 )
             )
         if len(vectors) > 1:
-            best: dict[str, Hit] = {}
-            for hit in sorted(found, key=lambda h: h.score, reverse=True):
-                best.setdefault(hit.image_id, hit)
-            found = list(best.values())[params.offset : params.offset + params.limit]
+            found = best_per_image(found)[params.offset : params.offset + params.limit]
         elapsed = time.perf_counter() - started
         metrics.SEARCH_SECONDS.observe(elapsed)
         return found, elapsed

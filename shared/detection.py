@@ -585,10 +585,6 @@ class Cropper:
             return None
         return json.dumps({**self.detector.info, "crop_mode": self.mode}, sort_keys=True)
 
-    def with_mode(self, mode: CropMode) -> Cropper:
-        """The same detector, another mode (a query's ``crop`` parameter)."""
-        return self if mode == self.mode else Cropper(self.detector, mode)
-
     def crops_for(
         self, images: Sequence[Image.Image], original_sizes: Sequence[Size] | None = None,
         modes: Sequence[CropMode] | None = None,

@@ -149,7 +149,7 @@ def test_without_a_detector_the_payload_says_the_whole_image_was_used(stack: Any
 
 
 def test_all_stores_a_point_per_box_and_search_returns_each_image_once(
-    stack: Any, detector: Detector, embedder: Any, birds: Path
+    stack: Any, detector: Detector, embedder: Any, birds: Path, yolo_weights: Path
 ) -> None:
     s = stack("all")
     photos = detect_photos()
@@ -183,14 +183,10 @@ def test_all_stores_a_point_per_box_and_search_returns_each_image_once(
     s.process([WorkItem("del", ImageDeleted("e-del", "tests", "bus"))])
     assert s.store.count() == 21 and s.points() == expected_points - 1 - len(boxes["bus"])
     # Re-ingesting with fewer objects leaves none of the old ones behind.
-    people_only = Cropper(Detector(detector_weights(), classes=["person"]), "all")
+    people_only = Cropper(Detector(yolo_weights, classes=["person"]), "all")
     s.process([upload(photos["zidane"], "zidane", 1)], cropper=people_only)
     people = sum(d.class_name == "person" for d in boxes["zidane"])
     assert s.points() == expected_points - 1 - len(boxes["bus"]) - (len(boxes["zidane"]) - people)
-
-
-def detector_weights() -> Path:
-    return asset("weights/yolov5n.pt")
 
 
 # -- query: cropping changes the answer ------------------------------------------------------

@@ -216,12 +216,18 @@ def group_hits(fetch: Callable[[int], list[Hit]], *, limit: int, offset: int) ->
     size = want
     while True:
         points = fetch(size)
-        best: dict[str, Hit] = {}
-        for hit in points:
-            best.setdefault(hit.image_id, hit)
-        if len(best) >= want or len(points) < size or size >= MAX_GROUP_FETCH:
-            return list(best.values())[offset:want]
+        images = best_per_image(points)
+        if len(images) >= want or len(points) < size or size >= MAX_GROUP_FETCH:
+            return images[offset:want]
         size = min(MAX_GROUP_FETCH, size * 4)
+
+
+def best_per_image(hits: Sequence[Hit]) -> list[Hit]:
+    """Each image's best hit, best first (hits of an image's box points fold into it)."""
+    best: dict[str, Hit] = {}
+    for hit in sorted(hits, key=lambda h: h.score, reverse=True):
+        best.setdefault(hit.image_id, hit)
+    return list(best.values())
 
 
 def payload_key(filter_key: str) -> str:
