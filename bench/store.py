@@ -14,11 +14,20 @@ lives on a RAM disk (/dev/shm) unless --local-dir says otherwise. --skip-local s
 
     python bench/store.py                      # 100k x 1280: a few minutes on 2 cores
     python bench/store.py --n 20000 --local-queries 50
+    python bench/store.py --n 1000000 --dim 320 --clusters 1000 --skip-local \
+        --json docs/scaling-store.json      # capacity inputs (docs/scaling.md)
+
+After optimize() it also measures what each point costs on disk, by kind of file (the
+float32 vectors, the quantized copy, the HNSW links, payload and its index, the id
+tracker): the memory figures of the capacity model (bench/capacity.py). --m and
+--ef-construct set the HNSW graph (QDRANT_HNSW_M / QDRANT_HNSW_EF_CONSTRUCT).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +40,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.store.base import CollectionSpec, PointRecord, VectorStore  # after sys.path
+from shared.store.base import (  # after sys.path
+    CollectionLayout,
+    CollectionSpec,
+    PointRecord,
+    VectorStore,
+)
 
 SPEC_MODEL = {"model_name": "bench-random", "preprocessing": {}}
 
@@ -46,6 +60,20 @@ class Result:
     recall: float | None
     top1: float | None
     where: str = ""
+    bytes_per_point: dict[str, float] | None = None
+
+    def figures(self) -> dict[str, object]:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else None
+        return {
+            "upsert_per_s": round(self.n / self.upsert_s, 1),
+            "optimize_s": None if self.optimize_s is None else round(self.optimize_s, 1),
+            "queries": 0 if lat is None else len(lat),
+            "p50_ms": None if lat is None else round(float(np.percentile(lat, 50)), 3),
+            "p99_ms": None if lat is None else round(float(np.percentile(lat, 99)), 3),
+            "recall_at_10": None if self.recall is None else round(self.recall, 4),
+            "top1": None if self.top1 is None else round(self.top1, 4),
+            "bytes_per_point": self.bytes_per_point,
+        }
 
     def row(self) -> list[str]:
         lat = np.array(self.latencies_ms) if self.latencies_ms else None
@@ -125,8 +153,42 @@ def query(store: VectorStore, queries: np.ndarray, truth: np.ndarray,
 
 
 def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
-    scores = queries @ vectors.T
-    return np.argsort(-scores, axis=1)[:, :k]
+    # In slices of queries, with a partial sort: a full argsort of 500 x 1M scores would
+    # need 4 GB of indices and most of a minute.
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), 32):
+        scores = queries[start : start + 32] @ vectors.T
+        part = np.argpartition(-scores, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1)
+        out[start : start + 32] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+# Files of an optimised Qdrant segment, by what they hold (Qdrant Edge's layout, the
+# server's too: the same Rust segment code).
+_KINDS = {"vector_storage": "vectors", "vector_index": "hnsw", "payload_storage": "payload",
+          "payload_index": "payload_index"}
+
+
+def bytes_per_point(shard: Path, points: int) -> dict[str, float]:
+    """Bytes on disk per stored point, by kind, in the optimised (HNSW-indexed) segments.
+
+    The appendable segments that took the writes keep their preallocated 32 MiB chunks
+    after optimize() moved the points out, so they are left out: they are a fixed cost per
+    segment, not per point. Quantized copies live beside the vectors (``quantized*``
+    files); the payload store grows in 32 MiB pages, so small collections overstate it."""
+    sizes: dict[str, int] = {}
+    indexed = [seg for seg in shard.glob("segments/*")
+               if (seg / "vector_index" / "hnsw_config.json").exists()]
+    for path in (f for seg in indexed for f in seg.glob("**/*")):
+        if not path.is_file():
+            continue
+        parts = path.relative_to(shard).parts
+        kind = "id_tracker" if parts[2].startswith("id_tracker") else _KINDS.get(parts[2], "other")
+        if kind == "vectors" and path.name.startswith("quantized"):
+            kind = "quantized"
+        sizes[kind] = sizes.get(kind, 0) + path.stat().st_size
+    return {k: round(v / points, 1) for k, v in sorted(sizes.items())}
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -147,6 +209,8 @@ def bench_edge(root: Path, spec: CollectionSpec, vectors: np.ndarray, queries: n
         print(f"  edge: optimize() took {optimize_s:.1f}s", file=sys.stderr, flush=True)
         post = query(store, queries, truth)
         assert store.count() == len(vectors)
+        sizes = bytes_per_point(root / spec.name / "shard", len(vectors))
+        print(f"  edge: bytes per point {sizes}", file=sys.stderr, flush=True)
     finally:
         store.close()
     # Reopening shows what a restart costs (segments and HNSW load from disk).
@@ -155,7 +219,8 @@ def bench_edge(root: Path, spec: CollectionSpec, vectors: np.ndarray, queries: n
     where = f"{_fs(root)}, flush per batch"
     return [
         Result("Edge, before optimize()", upsert_s, len(vectors), None, *pre, where=where),
-        Result("Edge, after optimize()", upsert_s, len(vectors), optimize_s, *post, where=where),
+        Result("Edge, after optimize()", upsert_s, len(vectors), optimize_s, *post, where=where,
+               bytes_per_point=sizes),
     ]
 
 
@@ -230,6 +295,12 @@ def main() -> None:
                         help="draw vectors around this many centres (0: uniform random)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--dir", type=Path, help="where Edge's store goes (default: temp dir)")
+    parser.add_argument("--m", type=int, help="HNSW links per node (Qdrant's default 16)")
+    parser.add_argument("--ef-construct", type=int, help="HNSW build beam (default 100)")
+    parser.add_argument("--quantization", choices=["none", "int8", "binary"], default="none")
+    parser.add_argument("--json", type=Path,
+                        help="add this run's Edge figures to a JSON file (a list of runs)")
+    parser.add_argument("--note", default="", help="stored with --json (e.g. machine load)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -240,7 +311,9 @@ def main() -> None:
     queries = vectors[picks] + args.noise * unit_vectors(rng, len(picks), args.dim)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     truth = exact_top_k(vectors, queries)
-    spec = CollectionSpec(name="bench", dim=args.dim, model=SPEC_MODEL)
+    layout = CollectionLayout(hnsw_m=args.m, hnsw_ef_construct=args.ef_construct)
+    spec = CollectionSpec(name="bench", dim=args.dim, model=SPEC_MODEL,
+                          quantization=args.quantization, layout=layout)
     shm = Path("/dev/shm")
     local_dir = args.local_dir or (shm if shm.is_dir() else args.dir)
 
@@ -262,6 +335,19 @@ def main() -> None:
           f"a stored vector + noise {args.noise}, k=10; {time.perf_counter() - started:.0f}s")
     print(table([r.row() for r in results]))
     edge = results[1]
+    print(f"\nEdge bytes per point after optimize(): {edge.bytes_per_point}")
+    if args.json:
+        runs = json.loads(args.json.read_text()) if args.json.exists() else []
+        runs.append({
+            "date": datetime.date.today().isoformat(), "n": args.n, "dim": args.dim,
+            "vectors": kind, "hnsw_m": args.m or 16, "hnsw_ef_construct": args.ef_construct or 100,
+            "quantization": args.quantization, "batch": args.batch, "cpus": os.cpu_count(),
+            "load_average": round(os.getloadavg()[0], 1), "note": args.note,
+            "seconds": round(time.perf_counter() - started),
+            "edge": edge.figures(),
+        })
+        args.json.write_text(json.dumps(runs, indent=1) + "\n")
+        print(f"added to {args.json}")
     local = [r for r in results if r.name == "local mode"]
     if local and local[0].latencies_ms:
         local_p50 = float(np.percentile(local[0].latencies_ms, 50))

@@ -14,12 +14,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import click
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
-from imgsearch.cli import settings_or_exit
+from imgsearch.cli import DATA_DIR_HELP, broker_or_exit, stack_settings
 from ingest_worker.dead_letters import (
     H_CLASS,
     H_MESSAGE,
@@ -32,7 +34,8 @@ from ingest_worker.dead_letters import (
     headers_dict,
 )
 from shared.config import Settings
-from shared.kafka import bootstrap_servers, make_producer
+from shared.errors import BrokerError
+from shared.kafka import bootstrap_servers, client_timeouts, make_producer
 
 FILTER_KEYS = {"reason": H_REASON, "stage": H_STAGE, "topic": H_TOPIC, "class": H_CLASS}
 
@@ -65,9 +68,14 @@ def read_dead_letters(settings: Settings, *, idle_s: float = 2.0) -> Iterator[De
     It reads until the topic goes quiet rather than up to ``end_offsets()``, which some
     brokers understate.
     """
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers(settings),
-                             enable_auto_commit=False, auto_offset_reset="earliest",
-                             client_id=f"{settings.kafka_client_id}-dlq")
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers(settings),
+                                 enable_auto_commit=False, auto_offset_reset="earliest",
+                                 client_id=f"{settings.kafka_client_id}-dlq",
+                                 **client_timeouts())
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read {settings.kafka_dlq_topic} from Kafka at "
+                          f"{settings.kafka_bootstrap_servers}: {exc}") from exc
     try:
         partitions = consumer.partitions_for_topic(settings.kafka_dlq_topic)
         if not partitions:
@@ -139,6 +147,8 @@ def _row(letter: DeadLetter) -> dict[str, Any]:
 
 _since_option = click.option("--since", metavar="TIME|DURATION",
                              help="Only letters that failed after this (e.g. 2h, 2026-11-21T10:00Z).")
+_data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                                help=DATA_DIR_HELP)
 _filter_option = click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
                               help="reason=, stage=, topic= or class=; repeat to widen (same key) "
                                    "or narrow (different keys).")
@@ -149,17 +159,30 @@ def dlq() -> None:
     """Inspect and replay the dead-letter topic (KAFKA_DLQ_TOPIC)."""
 
 
+def _letters(settings: Settings) -> Iterator[DeadLetter]:
+    """The dead letters, with a broker that fails mid-way said in one line."""
+    try:
+        yield from read_dead_letters(settings)
+    except (KafkaError, BrokerError) as exc:
+        raise click.ClickException(f"reading {settings.kafka_dlq_topic} failed: {exc}") from exc
+
+
 @dlq.command("list")
 @_since_option
 @_filter_option
+@_data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def list_command(since: str | None, filters: tuple[str, ...], as_json: bool) -> None:
-    """Show dead letters with their reasons, and a count per reason."""
-    settings = settings_or_exit()
+def list_command(since: str | None, filters: tuple[str, ...], data_dir: Path | None,
+                 as_json: bool) -> None:
+    """Show dead letters with their reasons, and a count per reason.
+
+    Beside a running `imgsearch up` it reads that up's broker."""
     when = parse_since(since) if since else None
     wanted = parse_filters(filters)
+    settings, _ = stack_settings(data_dir)
+    broker_or_exit(settings, data_dir)
     counts: dict[str, int] = {}
-    for letter in read_dead_letters(settings):
+    for letter in _letters(settings):
         if not matches(letter, when, wanted):
             continue
         row = _row(letter)
@@ -177,14 +200,17 @@ def list_command(since: str | None, filters: tuple[str, ...], as_json: bool) -> 
 @dlq.command()
 @_since_option
 @_filter_option
+@_data_dir_option
 @click.option("--dry-run", is_flag=True, help="Show what would be replayed; publish nothing.")
 @click.option("--topic", help="Publish here instead of each letter's original topic.")
-def replay(since: str | None, filters: tuple[str, ...], dry_run: bool, topic: str | None) -> None:
+def replay(since: str | None, filters: tuple[str, ...], data_dir: Path | None, dry_run: bool,
+           topic: str | None) -> None:
     """Re-publish dead letters to their original topic, after the cause is fixed."""
-    settings = settings_or_exit()
     when = parse_since(since) if since else None
     wanted = parse_filters(filters)
-    chosen = [letter for letter in read_dead_letters(settings) if matches(letter, when, wanted)]
+    settings, _ = stack_settings(data_dir)
+    broker_or_exit(settings, data_dir)
+    chosen = [letter for letter in _letters(settings) if matches(letter, when, wanted)]
     if dry_run or not chosen:
         for letter in chosen:
             row = _row(letter)
@@ -201,9 +227,12 @@ def replay(since: str | None, filters: tuple[str, ...], dry_run: bool, topic: st
                  f"{settings.kafka_dlq_topic}[{letter.partition}]@{letter.offset}".encode()),
             ]
             futures.append(producer.send(target, key=letter.key, value=letter.value, headers=headers))
-        producer.flush()
+        producer.flush(timeout=60)
         for future in futures:
             future.get(timeout=60)
+    except KafkaError as exc:
+        raise click.ClickException(f"replaying to {settings.kafka_bootstrap_servers} failed "
+                                   f"after {len(futures)} sent: {exc}") from exc
     finally:
-        producer.close()
+        producer.close(timeout=10)
     click.echo(f"replayed {len(chosen)} dead letters", err=True)

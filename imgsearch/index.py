@@ -24,7 +24,8 @@ from shared.config import Settings
 from shared.events import ImageUploaded, encode, parse_event, upload_event
 
 if TYPE_CHECKING:  # the pipeline imports torch: keep `imgsearch --help` fast
-    from shared.pipeline import BatchReport, IngestPipeline
+    from shared.components import Components
+    from shared.pipeline.report import BatchReport
 
 
 def file_event(f: ImageFile, *, metadata: dict[str, Any] | None = None,
@@ -86,27 +87,24 @@ class IndexResult:
 
 
 def index_files(
-    pipeline: IngestPipeline,
+    components: Components,
     files: Sequence[ImageFile],
     *,
-    batch_size: int,
     metadata: dict[str, Any] | None = None,
     label_from_folder: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> IndexResult:
-    """Run ``files`` through the pipeline in batches; per-file failures are collected."""
-    from shared.pipeline import WorkItem
+    """Run ``files`` through the ingest scheduler; per-file failures are collected. A
+    store that stays down raises: what finished before is stored, and a rerun resumes."""
+    from shared.pipeline.stages import WorkItem
 
+    items = (
+        WorkItem(f.path, file_event(f, metadata=metadata, label_from_folder=label_from_folder))
+        for f in files
+    )
     result = IndexResult()
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        items = [
-            WorkItem(f.path, file_event(f, metadata=metadata, label_from_folder=label_from_folder))
-            for f in chunk
-        ]
-        result.add(pipeline.process(items))  # a StoreError stops the run: nothing is lost
-        if progress:
-            progress(len(chunk))
+    result.add(components.ingest(items, skip_unchanged=True,
+                                 progress=(lambda _r: progress(1)) if progress else None))
     return result
 
 
@@ -164,6 +162,7 @@ def index(paths: tuple[Path, ...], data_dir: Path | None, model: str | None,
     if data_dir is not None:
         overrides["qdrant_path"] = data_dir
     settings: Settings = settings_or_exit(**overrides)
+    _refuse_beside_up(settings)
     setup_logging(_quiet_level())
     meta = parse_metadata(metadata)
     files = files_or_exit(paths, id_prefix)
@@ -172,15 +171,13 @@ def index(paths: tuple[Path, ...], data_dir: Path | None, model: str | None,
         components = Components.load(settings)
     except ImgSearchError as exc:
         raise click.ClickException(str(exc)) from exc
-    pipeline = components.pipeline(skip_unchanged=True)
     started = time.monotonic()
     result = IndexResult()
     try:
         with tqdm(total=len(files), unit="img", desc="indexing", file=sys.stderr) as bar:
             try:
-                result = index_files(pipeline, files, batch_size=settings.batch_size,
-                                     metadata=meta, label_from_folder=label_from_folder,
-                                     progress=bar.update)
+                result = index_files(components, files, metadata=meta,
+                                     label_from_folder=label_from_folder, progress=bar.update)
             except KeyboardInterrupt:
                 bar.close()
                 click.echo("interrupted: finished batches are stored; run the same command "
@@ -193,7 +190,6 @@ def index(paths: tuple[Path, ...], data_dir: Path | None, model: str | None,
     except ImgSearchError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
-        pipeline.close()
         components.close()
     elapsed = time.monotonic() - started
     click.echo(
@@ -206,6 +202,19 @@ def index(paths: tuple[Path, ...], data_dir: Path | None, model: str | None,
         for failure in result.failures:
             click.echo(f"  {failure}", err=True)
         sys.exit(1)
+
+
+def _refuse_beside_up(settings: Settings) -> None:
+    """The embedded store serves one process: say so in one line, naming the running up."""
+    from imgsearch.stack import find
+
+    other = None if settings.qdrant_url else find(settings.embedded_store_path)
+    if other is not None:
+        raise click.ClickException(
+            f"{other.describe()} is serving {settings.embedded_store_path}, and the embedded "
+            "store serves one process. Stop it first (Ctrl-C in its terminal), or add the "
+            "photos while it runs: imgsearch publish --label-from-folder PATHS (files outside "
+            "the folders `up` was given need --inline), or index into another --data-dir.")
 
 
 def _quiet_level() -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from imgsearch.files import ImageFile, find_images
-from shared.events import upload_event
+from shared.events import delete_event, upload_event
 from shared.kafka import EventPublisher
 
 
@@ -47,6 +47,27 @@ def publish_files(
         meta = future.get(timeout=60)
         result.offsets[meta.partition] = max(result.offsets.get(meta.partition, 0), meta.offset + 1)
     return result
+
+
+def publish_deletes(
+    publisher: EventPublisher,
+    image_ids: Sequence[str],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, int]:
+    """Publish one image.deleted event per id and wait for the broker's acks; returns the
+    offsets after the last one per partition (as ``PublishResult.offsets``)."""
+    futures = []
+    for image_id in image_ids:
+        futures.append(publisher.publish(delete_event(image_id, source="imgsearch-up")))
+        if progress:
+            progress(1)
+    publisher.flush()
+    offsets: dict[int, int] = {}
+    for future in futures:
+        meta = future.get(timeout=60)
+        offsets[meta.partition] = max(offsets.get(meta.partition, 0), meta.offset + 1)
+    return offsets
 
 
 def check_unique_ids(files: Sequence[ImageFile]) -> None:

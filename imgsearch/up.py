@@ -5,7 +5,15 @@
 * Store: the embedded Qdrant store in the data directory; it persists across runs.
 * Ingest: ingest_worker.service.WorkerGroup, the code ``python -m ingest_worker`` runs,
   fed with the events ``imgsearch publish`` sends.
-* API and search page: query_api.app.create_app, served by uvicorn in a thread.
+* API and search page: query_api.app.create_app, served by uvicorn in a thread
+  (imgsearch/api_thread.py).
+* The index mirrors the folders: new and changed files are published, removed ones
+  deleted, files that failed are not retried until they change (imgsearch/mirror.py).
+* Other commands find it: imgsearch/stack.py records the broker and page in the data
+  directory while it runs.
+* A new model (or reduction, quantization) on a data directory built with another one is
+  a migration, not a refusal: the old collection serves while a background re-index
+  builds the new one, then they swap (imgsearch/up_reindex.py, docs/migration.md).
 
 SIGINT and SIGTERM stop it in order: workers finish their work in flight, the API stops, the
 store is flushed and closed, the broker is terminated.
@@ -16,48 +24,32 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
+from imgsearch import stack as running
+from imgsearch.api_thread import ApiServer, bind_socket
 from imgsearch.files import ImageFile
-from imgsearch.index import (
-    MODEL_HELP,
-    WEIGHTS_HELP,
-    Failure,
-    file_event,
-    model_overrides,
-    with_roots,
-)
+from imgsearch.index import MODEL_HELP, WEIGHTS_HELP, model_overrides, with_roots
+from imgsearch.up_ingest import StopRequested, echo, run_plan, summary_line
 from shared.config import Settings
-from shared.errors import BrokerError, ImgSearchError
-from shared.images import sha256_hex
-
-if TYPE_CHECKING:  # these import torch: keep `imgsearch --help` fast
-    from shared.components import Components
-    from shared.pipeline import IngestPipeline
-    from shared.store.base import VectorStore
+from shared.errors import ImgSearchError
 
 # Tansu completes a group join after about half the session timeout: with the production
 # default (45 s) a fresh `up` would sit idle for ~20 s before its first batch. Heartbeats
 # come from kafka-python's own thread, so a short session does not limit batch time.
 LOCAL_BROKER_GROUP = {"kafka_session_timeout_ms": 6000, "kafka_heartbeat_interval_ms": 500}
 EXTERNAL_KAFKA_GROUP = "imgsearch-up"  # unless KAFKA_GROUP_ID is set
-API_START_TIMEOUT_S = 60.0
-API_STOP_TIMEOUT_S = 15.0
-CHECK_CHUNK = 256
-
-
-def echo(message: str) -> None:
-    click.echo(message, err=False)
+# Hosts on which `up`'s API offers /admin/reindex without API keys (imgsearch reindex uses it).
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SHOW_SKIPPED = 10
 
 
 @dataclass
@@ -70,13 +62,11 @@ class UpOptions:
     model: str | None = None
     weights: Path | None = None
     label_from_folder: bool = True
+    mirror: bool = True
+    retry_failed: bool = False
 
 
 # -- signals -------------------------------------------------------------------------------
-
-
-class StopRequested(Exception):
-    """Raised from a progress callback to leave a long step when a stop was asked for."""
 
 
 class Stopper:
@@ -110,179 +100,6 @@ class Stopper:
         click.echo(f"{name}: stopping (workers finish their work in flight)", err=True)
         if not self.serving:
             raise KeyboardInterrupt
-
-
-# -- progress --------------------------------------------------------------------------------
-
-
-class CommitProgress:
-    """How far the ingest group has got, from its committed offsets.
-
-    Workers commit an offset only once every record before it is stored or dead-lettered,
-    so "committed >= the offset the producer was given" means done, whatever the worker's
-    internals. (Tansu's end_offsets() understates batched writes: the ends come from the
-    producer's acknowledgements instead.)
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        from kafka import KafkaAdminClient
-
-        from shared.kafka import bootstrap_servers
-
-        self.group = settings.kafka_group_id
-        self.topic = settings.kafka_topic
-        self._admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers(settings),
-                                       client_id=f"{settings.kafka_client_id}-progress")
-        self.base = self.committed()  # where the group stood before this run published
-
-    def committed(self) -> dict[int, int]:
-        from kafka.errors import KafkaError
-
-        try:
-            offsets = self._admin.list_group_offsets(self.group).get(self.group, {})
-        except KafkaError as exc:
-            raise BrokerError(f"cannot read the committed offsets of group {self.group!r}: "
-                              f"{exc}") from exc
-        return {tp.partition: om.offset for tp, om in offsets.items()
-                if tp.topic == self.topic and om.offset >= 0}
-
-    def total(self, ends: dict[int, int]) -> int:
-        return sum(max(0, end - self.base.get(p, 0)) for p, end in ends.items())
-
-    def done(self, ends: dict[int, int]) -> tuple[int, bool]:
-        """(events processed towards ``ends``, whether all of them are)."""
-        now = self.committed()
-        processed = sum(max(0, min(now.get(p, 0), end) - self.base.get(p, 0))
-                        for p, end in ends.items())
-        return processed, all(now.get(p, 0) >= end for p, end in ends.items())
-
-    def close(self) -> None:
-        self._admin.close()
-
-
-def failure_reasons(settings: Settings, files: Sequence[ImageFile]) -> list[Failure]:
-    """Why ``files`` were not stored, from their latest dead letters in this run's topic."""
-    from imgsearch.dlq import read_dead_letters
-    from ingest_worker.dead_letters import H_MESSAGE, H_REASON, H_TOPIC
-
-    by_id = {f.image_id: f for f in files}
-    reasons: dict[str, tuple[str, str]] = {}
-    for letter in read_dead_letters(settings, idle_s=1.0):
-        errors = letter.errors
-        image_id = (letter.key or b"").decode("utf-8", "replace")
-        if image_id in by_id and errors.get(H_TOPIC) == settings.kafka_topic:
-            reasons[image_id] = (errors.get(H_REASON, "unknown"), errors.get(H_MESSAGE, ""))
-    return [
-        Failure(f.path, *reasons.get(f.image_id, ("not_stored", "no dead letter found for it")))
-        for f in files
-    ]
-
-
-def new_or_changed(
-    pipeline: IngestPipeline,
-    store: VectorStore,
-    files: Sequence[ImageFile],
-    *,
-    label_from_folder: bool,
-    max_bytes: int,
-    progress: Callable[[int], None] | None = None,
-) -> list[ImageFile]:
-    """Files whose stored point differs from what publishing them would store.
-
-    A second `up` over the same folder then publishes nothing. The comparison is the
-    pipeline's own (bytes, URI, metadata, model), so both agree on "unchanged".
-    """
-    todo: list[ImageFile] = []
-    for start in range(0, len(files), CHECK_CHUNK):
-        chunk = files[start : start + CHECK_CHUNK]
-        stored = store.get([f.image_id for f in chunk])
-        for f in chunk:
-            have = stored.get(f.image_id)
-            if have is None or _differs(pipeline, f, have.payload, label_from_folder, max_bytes):
-                todo.append(f)
-        if progress:
-            progress(len(chunk))
-    return todo
-
-
-def _differs(pipeline: IngestPipeline, f: ImageFile, payload: dict[str, Any],
-             label_from_folder: bool, max_bytes: int) -> bool:
-    try:
-        if f.path.stat().st_size > max_bytes:
-            return True  # the worker will refuse it and say why
-        data = f.path.read_bytes()
-    except OSError:
-        return True  # the worker reports the read error
-    event = file_event(f, label_from_folder=label_from_folder)
-    # One rule for "unchanged", shared with the pipeline (see the report on making it public).
-    return not pipeline.is_unchanged(event, sha256_hex(data), payload)
-
-
-# -- the API in a thread -------------------------------------------------------------------------
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot serve on {host}:{port}: {exc.strerror or exc}. Is another `imgsearch up` "
-            "running? Choose another port with --port."
-        ) from exc
-    return sock
-
-
-class ApiServer:
-    """uvicorn serving the query API in a thread of this process (no signal handlers there)."""
-
-    def __init__(self, app: Any, host: str, port: int) -> None:
-        import uvicorn
-
-        self.socket = bind_socket(host, port)
-        self.host = host
-        self.port = int(self.socket.getsockname()[1])
-        config = uvicorn.Config(app, lifespan="on", log_level="warning",
-                                timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self._run, name="api")
-        self.error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
-        return f"http://{host}:{self.port}"
-
-    def _run(self) -> None:
-        try:
-            self.server.run(sockets=[self.socket])
-        except BaseException as exc:  # noqa: BLE001 - SystemExit when the lifespan fails
-            self.error = exc
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + API_START_TIMEOUT_S
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise click.ClickException(
-                    f"the query API did not start ({self.error!r}); see the log above")
-            time.sleep(0.05)
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(API_STOP_TIMEOUT_S)
-        self.socket.close()
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -322,27 +139,52 @@ def run_up(opts: UpOptions) -> int:
         stopper.restore()
 
 
+def _collect(paths: Sequence[Path]) -> list[ImageFile]:
+    from imgsearch.publish import collect
+
+    try:
+        files = collect(list(paths))
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not files:
+        # Not an error: the folders may have been emptied, and mirroring them deletes
+        # what they held.
+        click.echo(f"warning: no image files under {', '.join(map(str, paths))}", err=True)
+    return files
+
+
+def _check_not_running(data_dir: Path) -> None:
+    other = running.find(data_dir)
+    if other is not None:
+        raise click.ClickException(
+            f"{other.describe()} is already serving {data_dir}: open {other.api_url}/, or "
+            "stop it (Ctrl-C in its terminal) before starting another, or give this one "
+            "another --data-dir.")
+
+
 def _run(opts: UpOptions, stopper: Stopper) -> int:
-    from imgsearch.local_broker import LocalBroker
-    from imgsearch.publish import collect, publish_files
-    from ingest_worker.service import WorkerGroup
-    from shared.components import Components
-    from shared.kafka import EventPublisher, ensure_topics
     from shared.logs import setup_logging
 
     settings = up_settings(opts)  # fail on bad configuration before starting anything
     setup_logging(os.environ.get("LOG_LEVEL", "WARNING"))
-    files: list[ImageFile] = []
-    if opts.paths:
-        try:
-            files = collect(list(opts.paths))
-        except (ValueError, FileNotFoundError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        if not files:
-            raise click.ClickException(f"no image files under {', '.join(map(str, opts.paths))}")
+    data_dir = settings.embedded_store_path
+    # What can refuse to start does so at once (before torch is even imported), and
+    # before anything is created.
+    _check_not_running(data_dir)
+    sock = bind_socket(opts.host, opts.port)
+    files = _collect(opts.paths) if opts.paths else []
+
+    from imgsearch.local_broker import LocalBroker
+    from imgsearch.up_reindex import UpMigration, load_serving
+    from ingest_worker.service import WorkerGroup
+    from shared.kafka import EventPublisher, ensure_topics
+    from shared.reindex.spec import explicit_spec
+    from shared.reindex.specs import SpecSet
+
     query_api_app = _import_create_app()
 
     with contextlib.ExitStack() as stack:
+        stack.callback(sock.close)
         bootstrap = external_broker()
         extra: dict[str, Any] = {}
         if bootstrap:
@@ -369,27 +211,48 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
             ) from exc
 
         echo(f"model:   loading {settings.model_name} "
-             f"({settings.model_weights or 'pretrained weights from the hub, cached'})")
+             f"({settings.model_weights or 'pretrained weights: the cache, else the model hub'})")
         try:
-            components = Components.load(settings)
+            # A data directory built with another spec is served as it is, and migrated in
+            # the background when this `up` asks for a new one (imgsearch/up_reindex.py).
+            components, target = load_serving(settings, explicit=explicit_spec(settings))
         except ImgSearchError as exc:
-            raise click.ClickException(f"{exc}\n{_model_hint()}") from exc
+            hint = "" if "--weights" in str(exc) or "--model" in str(exc) else f"\n{_model_hint()}"
+            raise click.ClickException(f"{exc}{hint}") from exc
         stack.callback(components.close)
-        echo(f"store:   {settings.store_location}, collection {settings.qdrant_collection!r}, "
-             f"{components.store.count()} images")
+        specs = SpecSet(components)  # the collections of the index: one set for API and workers
+        stack.callback(specs.close)
+        specs.start()
+        migration = UpMigration(specs)
+        try:
+            backfill = migration.begin(target)
+        except ImgSearchError as exc:
+            raise click.ClickException(f"cannot migrate to {settings.model_name}: {exc}") from exc
+        physical = components.store.spec.name
+        echo(f"store:   {settings.store_location}, collection {settings.qdrant_collection!r}"
+             + (f" ({physical})" if physical != settings.qdrant_collection else "")
+             + f", {components.store.count()} images")
 
         publisher = EventPublisher(settings)
         stack.callback(publisher.close)
-        api = ApiServer(query_api_app(components, publisher=publisher, settings=settings),
-                        opts.host, opts.port)
+        api_settings = components.settings.model_copy(update={
+            "reindex_admin_api": opts.host in LOOPBACK or bool(settings.api_keys)})
+        app = query_api_app(components, publisher=publisher, settings=api_settings, specs=specs)
+        app.state.serving.runner = migration.runner
+        api = ApiServer(app, sock)
         api.start()
         stack.callback(api.stop)
         echo(f"search:  {api.url}/  (API docs {api.url}/docs)")
 
-        group = WorkerGroup(components, count=opts.workers)
+        group = WorkerGroup(components, count=opts.workers, specs=specs)
         group.start()
         stack.callback(group.close)
         echo(f"ingest:  {len(group.workers)} worker(s) on topic {settings.kafka_topic!r}")
+        if backfill:
+            migration.run()
+        stack.callback(migration.stop)
+        _record(settings, api, data_dir, local_broker=not bootstrap)
+        stack.callback(running.clear, data_dir)
         stopper.serving = True  # from here a signal asks for a clean stop
 
         def healthy() -> bool:
@@ -402,8 +265,8 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
             return True
 
         status = 0
-        if files and not _ingest(files, opts, settings, group, components, publisher,
-                                 stopper, healthy, publish_files):
+        if opts.paths and not _mirror(files, opts, settings, group, components, publisher,
+                                      stopper, healthy):
             status = 0 if stopper.requested.is_set() else 1
         if not stopper.requested.is_set() and status == 0:
             echo(f"ready:   {components.store.count()} images; search at {api.url}/ "
@@ -417,75 +280,57 @@ def _run(opts: UpOptions, stopper: Stopper) -> int:
     return status
 
 
-def _ingest(files: list[ImageFile], opts: UpOptions, settings: Settings, group: Any,
-            components: Components, publisher: Any, stopper: Stopper,
-            healthy: Callable[[], bool], publish_files: Callable[..., Any]) -> bool:
-    """Publish what is new, show progress until the workers are done, report bad files.
-    Returns False when it stopped early (a signal, or a component failed)."""
+def _record(settings: Settings, api: ApiServer, data_dir: Path, *, local_broker: bool) -> None:
+    running.record(running.RunningStack(
+        pid=os.getpid(), api_url=api.url, bootstrap=settings.kafka_bootstrap_servers,
+        topic=settings.kafka_topic, dlq_topic=settings.kafka_dlq_topic,
+        group=settings.kafka_group_id, collection=settings.qdrant_collection,
+        data_dir=str(data_dir), file_roots=[str(r) for r in settings.image_file_roots],
+        local_broker=local_broker,
+    ))
+
+
+def _mirror(files: list[ImageFile], opts: UpOptions, settings: Settings, group: Any,
+            components: Any, publisher: Any, stopper: Stopper,
+            healthy: Callable[[], bool]) -> bool:
+    """Make the index mirror the folders. False when it stopped early."""
     from tqdm import tqdm
 
-    def advance(bar: Any) -> Callable[[int], None]:
-        def step(n: int) -> None:
+    from imgsearch.mirror import FailedFiles, mirror_roots, plan
+
+    failed = FailedFiles.for_collection(settings.embedded_store_path, settings.qdrant_collection)
+
+    def step(bar: Any) -> Callable[[int], None]:
+        def advance(n: int) -> None:
             bar.update(n)
             stopper.check()
-        return step
+        return advance
 
-    progress = CommitProgress(settings)
     try:
-        try:
-            with tqdm(total=len(files), unit="img", desc="checking", file=sys.stderr,
-                      leave=False) as bar:
-                todo = new_or_changed(group.pipeline, components.store, files,
-                                      label_from_folder=opts.label_from_folder,
-                                      max_bytes=settings.fetch_max_bytes, progress=advance(bar))
-            echo(f"images:  {len(files)} under {', '.join(map(str, opts.paths))}: "
-                 f"{len(files) - len(todo)} already indexed, {len(todo)} to index")
-            if not todo:
-                return True
-            started = time.monotonic()
-            with tqdm(total=len(todo), unit="img", desc="publishing", file=sys.stderr,
-                      leave=False) as bar:
-                ends = publish_files(publisher, todo, label_from_folder=opts.label_from_folder,
-                                     progress=advance(bar)).offsets
-        except StopRequested:
-            echo("stopped before indexing; run `imgsearch up` on the same folders again")
-            return False
-        total = progress.total(ends)
-        with tqdm(total=total, unit="img", desc="indexing", file=sys.stderr,
-                  mininterval=0.5) as bar:
-            while True:
-                processed, finished = progress.done(ends)
-                if processed > bar.n:
-                    bar.update(processed - bar.n)
-                if finished:
-                    break
-                if stopper.requested.wait(0.5) or not healthy():
-                    bar.close()
-                    echo(f"indexing interrupted after {processed} of {total} images; run "
-                         "`imgsearch up` on the same folders again to finish")
-                    return False
+        with tqdm(total=len(files), unit="img", desc="checking", file=sys.stderr,
+                  leave=False) as bar:
+            todo = plan(group.pipeline, components.store, files, mirror_roots(opts.paths),
+                        failed, label_from_folder=opts.label_from_folder,
+                        max_bytes=settings.fetch_max_bytes, mirror=opts.mirror,
+                        retry_failed=opts.retry_failed, progress=step(bar))
+    except StopRequested:
+        echo("stopped before indexing; run `imgsearch up` on the same folders again")
+        return False
+    echo(summary_line(todo, opts.paths))
+    for known in todo.skipped[:SHOW_SKIPPED]:
+        echo(f"  skipped {known.path}: {known.reason}: {known.message}")
+    if len(todo.skipped) > SHOW_SKIPPED:
+        echo(f"  ... and {len(todo.skipped) - SHOW_SKIPPED} more ({failed.path})")
+    try:
+        if todo.empty:
+            return True
+        return run_plan(todo, label_from_folder=opts.label_from_folder, settings=settings,
+                        group=group, components=components, publisher=publisher,
+                        failed=failed, check_stop=stopper.check,
+                        wait_stop=stopper.requested.wait, healthy=healthy)
     finally:
-        progress.close()
-    elapsed = time.monotonic() - started
-    # Whatever is not stored as published now has failed; the dead letters say why.
-    missing = new_or_changed(group.pipeline, components.store, todo,
-                             label_from_folder=opts.label_from_folder,
-                             max_bytes=settings.fetch_max_bytes)
-    echo(f"indexed: {len(todo) - len(missing)} stored, {len(missing)} failed in "
-         f"{elapsed:.1f}s ({len(todo) / max(elapsed, 1e-9):.1f} img/s)")
-    if len(todo) > len(missing):
-        # The embedded engine builds its HNSW index only when asked, and holds the
-        # interpreter while it does: searches wait for it, so say so.
-        t0 = time.monotonic()
-        echo("index:   building the search index (searches wait until it is done)")
-        components.store.optimize()
-        echo(f"index:   built in {time.monotonic() - t0:.1f}s")
-    if missing:
-        echo(f"{len(missing)} files could not be indexed (their events are in the "
-             f"dead-letter topic {settings.kafka_dlq_topic!r}):")
-        for failure in failure_reasons(settings, missing):
-            echo(f"  {failure}")
-    return True
+        failed.prune()
+        failed.save()
 
 
 def _stop_broker(broker: Any) -> None:
@@ -524,6 +369,13 @@ def up_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--label-from-folder/--no-label-from-folder", default=True,
                      show_default=True,
                      help="Store each file's parent folder name as metadata 'label'."),
+        click.option("--mirror/--no-mirror", default=True, show_default=True,
+                     help="Delete from the index the images whose files were removed from "
+                          "PATHS since the last run (only images whose file:// source is "
+                          "under PATHS; uploads through the API are never touched)."),
+        click.option("--retry-failed", is_flag=True,
+                     help="Publish again the files that failed before (not an image, too "
+                          "large) even if they did not change since."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -539,6 +391,17 @@ Examples:
 Offline: the default model's weights come from the Hugging Face hub on first use
 (then cached). Without internet, set MODEL_WEIGHTS (--weights) to a weights file
 and MODEL_NAME (--model) to the timm model it belongs to.
+
+\b
+While it runs, `imgsearch dlq list`, `publish`, `search` and `index` started from
+the same folder (or with the same --data-dir) find it: it records its broker and
+page in DATA_DIR/imgsearch-up/running.json.
+
+\b
+A different --model (or --weights, VECTOR_*, QUANTIZATION) on a data directory
+built with another spec: `up` serves what it has, re-indexes in the background
+and swaps when done; the next `up` serves the new spec. `imgsearch reindex
+status|swap|rollback|finish` beside it (docs/migration.md).
 """
 
 
@@ -550,6 +413,7 @@ def up(paths: tuple[Path, ...], **options: Any) -> None:
 
     Starts a local broker (unless KAFKA_BOOTSTRAP_SERVERS is set), the embedded store,
     ingest workers, and the query API with its search page; publishes the new or changed
-    images under PATHS and shows indexing progress. Ctrl-C stops everything cleanly.
+    images under PATHS, deletes from the index those whose files are gone, and shows
+    indexing progress. Ctrl-C stops everything cleanly.
     """
     sys.exit(run_up(UpOptions(paths=paths, **options)))

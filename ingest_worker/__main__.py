@@ -1,14 +1,20 @@
-"""``python -m ingest_worker``: consume image events until SIGTERM or SIGINT."""
+"""``python -m ingest_worker``: consume image events until SIGTERM or SIGINT.
+
+Exit status: 0 after a clean stop, 1 after a fatal error (the orchestrator restarts the
+process; nothing unfinished was committed, so the events are redelivered), 2 when it
+cannot start (bad settings, no model, a collection built for another model).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 
-from prometheus_client import start_http_server
-
+from ingest_worker.probes import ProbeServer
 from ingest_worker.service import WorkerGroup
 from shared.components import Components
 from shared.config import load_settings
@@ -16,6 +22,19 @@ from shared.errors import ImgSearchError
 from shared.logs import setup_logging
 
 log = logging.getLogger("ingest_worker")
+
+
+def _exit_soon(code: int, after_s: float) -> None:
+    """Leave with ``code`` even if cleanup hangs (a thread stuck in a C call after a fatal
+    error would otherwise keep the interpreter alive forever)."""
+
+    def hard_exit() -> None:
+        time.sleep(after_s)
+        log.error("cleanup did not finish in %.0fs; exiting with status %d now", after_s, code)
+        logging.shutdown()
+        os._exit(code)
+
+    threading.Thread(target=hard_exit, name="exit-watchdog", daemon=True).start()
 
 
 def main() -> int:
@@ -30,11 +49,13 @@ def main() -> int:
     except ImgSearchError as exc:
         log.error("cannot start: %s", exc)
         return 2
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
-        log.info("metrics on http://%s:%d/metrics", settings.worker_metrics_host,
-                 settings.worker_metrics_port)
     group = WorkerGroup(components)
+    probes = None
+    if settings.worker_metrics_port:
+        probes = ProbeServer(settings.worker_metrics_host, settings.worker_metrics_port,
+                             group.health).start(group.supervisor.spawn)
+        log.info("metrics and probes on http://%s:%d/ (/metrics, /healthz, /readyz)",
+                 settings.worker_metrics_host, probes.port)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s: finishing the current batch, then stopping", signal.Signals(signum).name)
@@ -44,13 +65,17 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     group.start()
     try:
-        while group.alive:
+        while group.alive and not group.errors:
             time.sleep(0.2)
     finally:
-        group.close()
+        if group.errors:
+            _exit_soon(1, 20.0)
+        group.close(timeout_s=3.0 if group.errors else None)
         components.close()
+        if probes is not None:
+            probes.stop()
     if group.errors:
-        log.error("stopped on error: %s", group.errors[0])
+        log.error("stopped on a fatal error (exit status 1): %s", group.errors[0])
         return 1
     log.info("stopped cleanly")
     return 0

@@ -7,13 +7,16 @@ tooling for Connect DLQs reads ours too.
 from __future__ import annotations
 
 import logging
+import threading
+import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from shared.errors import BrokerError, ImgSearchError
+from shared.errors import BrokerError, ImgSearchError, InternalError
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +27,12 @@ H_STAGE = "__connect.errors.stage"
 H_CLASS = "__connect.errors.exception.class.name"
 H_MESSAGE = "__connect.errors.exception.message"
 H_TIMESTAMP = "__connect.errors.timestamp"
+H_STACKTRACE = "__connect.errors.exception.stacktrace"
 H_REASON = "imgsearch.errors.reason"
 
 
 def error_headers(record: Any, error: ImgSearchError) -> list[tuple[str, bytes]]:
-    return [
+    headers = [
         (H_TOPIC, record.topic.encode()),
         (H_PARTITION, str(record.partition).encode()),
         (H_OFFSET, str(record.offset).encode()),
@@ -38,6 +42,12 @@ def error_headers(record: Any, error: ImgSearchError) -> list[tuple[str, bytes]]
         (H_TIMESTAMP, datetime.now(timezone.utc).isoformat().encode()),
         (H_REASON, error.reason.encode()),
     ]
+    cause = error.__cause__
+    if isinstance(error, InternalError) and cause is not None:
+        # A bug met while handling this event: the traceback is what a developer needs.
+        trace = "".join(traceback.format_exception(cause))[-8000:]
+        headers.append((H_STACKTRACE, trace.encode("utf-8", "replace")))
+    return headers
 
 
 def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
@@ -56,13 +66,26 @@ class DeadLetterQueue:
         self.producer = producer
         self.topic = topic
         self._unsent: list[tuple[Any, ImgSearchError]] = []
+        self._lock = threading.Lock()  # the rebalance listener drops letters from another thread
 
     def send(self, record: Any, error: ImgSearchError) -> None:
-        self._unsent.append((record, error))
+        with self._lock:
+            self._unsent.append((record, error))
+
+    def drop(self, where: Callable[[Any], bool]) -> int:
+        """Forget unsent letters whose record ``where`` selects (its partition was revoked:
+        the new owner dead-letters it). Returns how many were dropped."""
+        with self._lock:
+            kept = [(r, e) for r, e in self._unsent if not where(r)]
+            dropped = len(self._unsent) - len(kept)
+            self._unsent = kept
+        return dropped
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Send every queued letter and wait for its ack; raise BrokerError otherwise."""
-        if not self._unsent:
+        with self._lock:
+            letters = list(self._unsent)
+        if not letters:
             return
         try:
             futures = [
@@ -72,14 +95,16 @@ class DeadLetterQueue:
                     value=record.value,
                     headers=list(record.headers or []) + error_headers(record, error),
                 )
-                for record, error in self._unsent
+                for record, error in letters
             ]
             self.producer.flush(timeout=timeout_s)
             for future in futures:
                 future.get(timeout=timeout_s)
         except KafkaError as exc:
             raise BrokerError(f"dead-letter write to {self.topic!r} failed: {exc}") from exc
-        self._unsent = []
+        with self._lock:
+            sent = {id(letter) for letter in letters}
+            self._unsent = [letter for letter in self._unsent if id(letter) not in sent]
 
     def close(self) -> None:
         self.producer.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
-from shared.staged import WriteBatch
+from shared.pipeline.report import BatchReport
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -41,7 +41,11 @@ BATCH_SECONDS = Histogram(
     buckets=_STAGE_BUCKETS,
 )
 INFLIGHT = Gauge("imgsearch_ingest_inflight_batches", "Batches being processed now.")
-READY = Gauge("imgsearch_ingest_ready", "1 while the worker is consuming; 0 while it waits out a failure.")
+READY = Gauge(
+    "imgsearch_ingest_ready",
+    "1 while the worker is consuming; 0 while it starts, waits out a failure, is stalled or "
+    "has failed (computed at scrape time, like /readyz).",
+)
 # Set by ingest_worker.lag.LagReporter for the partitions this process owns; a partition
 # moves to another instance on a rebalance, so dashboards take max by (topic, partition).
 LAG = Gauge(
@@ -66,10 +70,15 @@ for _stage in RETRY_STAGES:
     RETRIES.labels(_stage)
 
 
-def observe_write(batch: WriteBatch) -> None:
+def observe_write(batch: BatchReport) -> None:
     """One confirmed write batch: its size, stage times and end-to-end latency."""
     BATCH_SIZE.observe(len(batch.results))
-    EMBEDDED.inc(sum(r.outcome == "stored" for r in batch.results))
+    EMBEDDED.inc(batch.count("stored"))
     for stage, seconds in batch.stage_seconds.items():
         STAGE_SECONDS.labels(stage).observe(seconds)
-    BATCH_SECONDS.observe(batch.latency_s)
+    BATCH_SECONDS.observe(batch.wall_seconds)
+
+
+# --- Re-index: the migration's metrics (shared/reindex/metrics.py). Every worker exports
+# them: it reads the migration record to dual-write, so it reports the record's progress.
+from shared.reindex import metrics as reindex  # noqa: E402, F401

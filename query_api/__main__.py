@@ -11,6 +11,7 @@ import uvicorn
 
 from query_api.app import create_app
 from query_api.publishing import producer_overrides
+from query_api.server import server_config
 from shared.components import Components
 from shared.config import load_settings
 from shared.errors import ImgSearchError
@@ -55,19 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     received: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: received.append(signum))
+    server = uvicorn.Server(server_config(app, settings))
     try:
-        uvicorn.run(
-            app,
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level=settings.log_level.lower(),
-            log_config=None,  # keep the project's logging format
-            timeout_graceful_shutdown=30,
-        )
+        server.run()
     finally:
         components.close()
     if received:
         log.info("stopped on %s", signal.Signals(received[0]).name)
+    if not server.started:
+        return 3  # uvicorn's start-up failure status (it logged why)
     return 0
 
 

@@ -10,7 +10,8 @@ lone query pays no batching delay at all.
 With batching off the same thread embeds one query per forward pass: the baseline.
 
 The same batcher runs the object detector over query images (``crop=largest|all``):
-``embed`` then takes a decoded image and gives back its crops.
+``embed`` then takes a decoded query and its crop mode and gives back its crops
+(shared/query.py's ``QueryEmbedder.crops``).
 """
 
 from __future__ import annotations

@@ -34,11 +34,15 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
+    409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "too_many_requests",
+    431: "headers_too_large",
     503: "unavailable",
+    504: "timeout",
 }
 
 
@@ -94,12 +98,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "The body is not a usable image, or the multipart form is malformed.",
         401: "API_KEYS is set and no valid key was sent (X-API-Key or Authorization: Bearer).",
         404: "No stored image has this id.",
+        408: "The request body arrived too slowly (API_BODY_TIMEOUT_S, API_BODY_IDLE_TIMEOUT_S).",
+        409: "An image with this image_id is already stored; send replace=true to replace it.",
         413: "The body is over API_MAX_UPLOAD_BYTES, or the image has more pixels than "
              "IMAGE_MAX_PIXELS.",
         415: "The Content-Type is neither multipart/form-data nor image/*.",
         422: "A parameter or form field is invalid.",
         502: "The image's source could not be read or decoded.",
-        503: "The vector store or the broker is unavailable; retry later.",
+        503: "The service is overloaded (code overloaded, thumbnails_busy), or the vector "
+             "store or the broker is unavailable; retry after Retry-After seconds.",
+        504: "The thumbnail's source did not answer in time (API_THUMBNAIL_TIMEOUT_S).",
     }
     return {
         status: {"model": ErrorResponse, "description": descriptions.get(status, "Error.")}

@@ -23,6 +23,21 @@ _FAST_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02,
                  0.25, 1)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
+# HTTP limits (query_api/limits.py, query_api/protocol.py).
+IN_FLIGHT = Gauge(
+    "imgsearch_api_requests_in_flight",
+    "Requests being served now (probes and /metrics excluded), against API_MAX_CONCURRENT_REQUESTS.",
+)
+REFUSED_REASONS = ("overloaded", "too_many_connections", "headers_too_large", "header_timeout",
+                   "body_timeout")
+REFUSED = Counter(
+    "imgsearch_api_requests_refused_total",
+    "Requests refused by an HTTP limit, by reason: " + ", ".join(REFUSED_REASONS) + ".",
+    ["reason"],
+)
+for _reason in REFUSED_REASONS:  # start at 0: rate() sees the first refusal, panels are never empty
+    REFUSED.labels(_reason)
+
 REQUESTS = Counter(
     "imgsearch_api_requests_total",
     "HTTP requests answered, by route template, method and status.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,10 +13,11 @@ from pydantic import StringConstraints
 
 from query_api.errors import ApiError
 from shared.config import Settings
-from shared.events import METADATA_KEY_PATTERN
+from shared.metadata import INT64_MAX, INT64_MIN, METADATA_KEY_PATTERN
 
 MAX_FILTERS = 16
-_INT = re.compile(r"^-?\d{1,18}$")
+_INT = re.compile(r"^-?\d{1,19}$")
+_FLOAT = re.compile(r"^-?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d{1,3})?$")
 # key=value, the key as metadata keys are (shared/events.py); documented in the OpenAPI spec.
 # Only the start is anchored: the value may be any text, newlines included.
 FILTER_PATTERN = METADATA_KEY_PATTERN.removesuffix("$") + "="
@@ -23,8 +25,9 @@ FilterItem = Annotated[str, StringConstraints(pattern=FILTER_PATTERN)]
 
 FILTER_HELP = (
     "Metadata filter `key=value`, repeatable; several filters are ANDed. "
-    "`true`/`false` match booleans, integers match integers, anything else (or a value in "
-    'double quotes, e.g. `zip="02139"`) matches text exactly. Example: `filter=label=goldfinch`.'
+    "`true`/`false` match booleans; numbers (`3`, `89.5`, `-1e3`) match numbers, so `3` "
+    "finds 3 and 3.0; anything else, or a value in double quotes (`zip=\"02139\"`), matches "
+    "text exactly. Example: `filter=label=goldfinch`."
 )
 
 
@@ -39,11 +42,13 @@ class SearchParams:
     contradictory: bool = False
 
 
-def parse_filter_value(raw: str) -> str | int | bool:
+def parse_filter_value(raw: str) -> str | int | float | bool:
     if raw in ("true", "false"):
         return raw == "true"
-    if _INT.match(raw):
+    if _INT.match(raw) and INT64_MIN <= int(raw) <= INT64_MAX:
         return int(raw)
+    if _FLOAT.match(raw) and math.isfinite(float(raw)):
+        return float(raw)
     if len(raw) >= 2 and raw.startswith('"') and raw.endswith('"'):
         return raw[1:-1]
     return raw

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from query_api.pinned import current_collection, current_spec
+
 MetadataValue = str | bool | int | float
 
 
@@ -87,6 +89,15 @@ class SearchResponse(BaseModel):
         None, description="The parts of the query image that were searched with (uploads)."
     )
     model: str
+    # --- Re-index: which spec answered (query_api/serving.py pins it per request) ---
+    spec: str | None = Field(
+        default_factory=current_spec,
+        description="Digest (12 hex characters) of the embedding spec that answered: model, "
+                    "weights, preprocessing, reduction, quantization. It changes when the "
+                    "index is swapped to another spec (docs/migration.md).")
+    collection: str | None = Field(
+        default_factory=current_collection,
+        description="The physical collection searched (the index's alias target).")
     timing: QueryTiming
 
 
@@ -129,3 +140,24 @@ class ReadyResponse(BaseModel):
     batching: bool
     collection: str
     crop: str = Field("none", description="How queries are cropped by default (CROP_MODE).")
+    # --- Re-index (docs/migration.md) ---
+    spec: str | None = Field(None, description="Digest of the embedding spec serving now.")
+    serving_collection: str | None = Field(
+        None, description="The physical collection the index's alias points to, searched now.")
+    migration: dict[str, Any] | None = Field(
+        None, description="The migration in progress (id, state, source, target, done, "
+                          "total), or null.")
+
+
+class FacetValue(BaseModel):
+    value: MetadataValue = Field(description="A stored value of the key, exactly as stored.")
+    count: int = Field(description="How many images have it.")
+    filter: str = Field(
+        description="The `filter=` parameter that selects these images, quoted where the "
+                    "value would otherwise be read as a number or boolean."
+    )
+
+
+class FacetsResponse(BaseModel):
+    key: str
+    values: list[FacetValue] = Field(description="Most frequent first.")

@@ -1,24 +1,72 @@
-"""Run the API on uvicorn in a background thread: for processes that serve the API beside
-other work (the embedded store admits one process), and for tests and benchmarks."""
+"""The one uvicorn configuration of the query API, and a server in a background thread.
+
+``server_config`` is used by every place that serves the API (``python -m query_api``,
+``BackgroundServer`` for tests and benchmarks, ``imgsearch up``), so the limits of
+docs/query_api.md ("Limits") hold wherever the API runs.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+
+from query_api.protocol import LimitedH11Protocol
+from shared.config import Settings
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's Config plus what LimitedH11Protocol reads from it."""
+
+    def __init__(self, app: Any, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.header_timeout_s = header_timeout_s
+
+
+def app_settings(app: FastAPI) -> Settings:
+    """The Settings an app was built with (create_app keeps them on app.state)."""
+    service = getattr(app.state, "service", None)
+    if service is None:
+        raise ValueError("not an app from query_api.app.create_app: it carries no settings")
+    settings: Settings = service.settings
+    return settings
+
+
+def server_config(app: FastAPI, settings: Settings | None = None, **overrides: Any) -> ServerConfig:
+    """uvicorn's configuration for ``app`` from its Settings; ``overrides`` are passed on
+    (host, port, log_level, lifespan, timeout_graceful_shutdown, ...)."""
+    settings = settings or app_settings(app)
+    values: dict[str, Any] = {
+        "host": settings.api_host,
+        "port": settings.api_port,
+        "log_config": None,  # keep the project's logging format
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": 30,
+        # h11, not httptools: httptools has no limit on the size of a request's head.
+        "http": LimitedH11Protocol,
+        "h11_max_incomplete_event_size": settings.api_max_header_bytes,
+        "header_timeout_s": settings.api_header_timeout_s,
+        "timeout_keep_alive": settings.api_keepalive_timeout_s,
+        "limit_concurrency": settings.api_max_connections,
+        # No WebSocket endpoints: an upgrade request is answered as plain HTTP.
+        "ws": "none",
+    }
+    values.update(overrides)
+    return ServerConfig(app, **values)
 
 
 class BackgroundServer:
     """uvicorn serving ``app`` from a daemon thread; ``start`` returns once it listens."""
 
     def __init__(self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", settings: Settings | None = None) -> None:
         self.host = host
         self.port = port
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                log_config=None, timeout_graceful_shutdown=10)
+        config = server_config(app, settings, host=host, port=port, log_level=log_level,
+                               timeout_graceful_shutdown=10)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -50,7 +98,7 @@ class BackgroundServer:
             self._thread.join(timeout_s)
             self._thread = None
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self) -> BackgroundServer:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

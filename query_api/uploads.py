@@ -35,11 +35,19 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB': sizes in messages are for people."""
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB"):
+        if size < 1024 or unit == "MiB":
+            return f"{n} bytes" if unit == "bytes" else f"{size:.3g} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def _too_large(size_text: str, limit: int) -> ApiError:
     return ApiError(
-        413,
-        "too_large",
-        f"the request body is {size_text}; the limit is API_MAX_UPLOAD_BYTES={limit} bytes",
+        413, "too_large", f"the request body is {size_text}; the limit is {human_bytes(limit)}"
     )
 
 
@@ -50,13 +58,13 @@ async def limited_stream(request: Request, max_bytes: int) -> AsyncIterator[byte
         if not declared.strip().isdigit():
             raise ApiError(400, "bad_request", f"invalid Content-Length header {declared!r}")
         if int(declared) > max_bytes:
-            raise _too_large(f"{int(declared)} bytes", max_bytes)
+            raise _too_large(human_bytes(int(declared)), max_bytes)
     received = 0
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_bytes:
-                raise _too_large(f"more than {max_bytes} bytes", max_bytes)
+                raise _too_large(f"more than {human_bytes(max_bytes)}", max_bytes)
             yield chunk
     except ClientDisconnect as exc:
         raise ApiError(400, "client_disconnected", "the client went away mid-upload") from exc

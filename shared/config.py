@@ -54,6 +54,32 @@ class Settings(BaseSettings):
     qdrant_path: Path | None = None
     qdrant_collection: str = Field("images", pattern=r"^[A-Za-z0-9_\-]{1,128}$")
     qdrant_timeout_s: float = Field(10.0, gt=0)
+    # Collection layout (docs/scaling.md): applied when the collection is created, compared
+    # with the existing collection on every open. Unset: Qdrant's own default, not checked.
+    # Shards and replicas are fixed at creation (a different value refuses to start);
+    # write consistency, on-disk storage and HNSW can be changed in place (a warning says how).
+    qdrant_shards: int | None = Field(None, ge=1, le=1024)
+    qdrant_replication_factor: int | None = Field(None, ge=1, le=16)
+    # Replicas that must confirm a write before Qdrant answers; at most the replication factor.
+    qdrant_write_consistency: int | None = Field(None, ge=1, le=16)
+    # Per-request ordering of writes between the replicas of a shard: weak (Qdrant's
+    # default), medium (through the shard's elected leader), strong (through a fixed leader).
+    qdrant_write_ordering: Literal["weak", "medium", "strong"] = "weak"
+    qdrant_on_disk_vectors: bool | None = None
+    qdrant_on_disk_payload: bool | None = None
+    qdrant_hnsw_m: int | None = Field(None, ge=4, le=128)
+    qdrant_hnsw_ef_construct: int | None = Field(None, ge=4, le=4096)
+
+    @model_validator(mode="after")
+    def _consistency_within_replicas(self) -> Settings:
+        factor, replicas = self.qdrant_write_consistency, self.qdrant_replication_factor
+        if factor and replicas and factor > replicas:
+            raise ValueError(
+                f"QDRANT_WRITE_CONSISTENCY={factor} exceeds QDRANT_REPLICATION_FACTOR={replicas}: "
+                "every write would fail; set it to at most the replication factor"
+            )
+        return self
+    # --- end of collection layout ------------------------------------------------------------
 
     # --- Vectors: reduction and quantization -----------------------------------------------
     # Fixed when a collection is created and stored with it; reopening it with other values
@@ -114,6 +140,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1, le=64)
     # On SIGTERM, in-flight events get this long to be stored and committed.
     worker_shutdown_timeout_s: float = Field(20.0, ge=0)
+    # An event in flight for longer than this (or a loop that stops moving) makes the
+    # worker unready; twice this, with no outage being waited out, makes it exit non-zero.
+    worker_stall_timeout_s: float = Field(300.0, gt=0)
     worker_metrics_host: str = "0.0.0.0"
     worker_metrics_port: int = Field(9100, ge=0, le=65535)  # 0 disables the metrics server
     log_level: str = "INFO"
@@ -121,8 +150,9 @@ class Settings(BaseSettings):
     # --- Query API -------------------------------------------------------------------------
     api_host: str = "0.0.0.0"
     api_port: int = Field(8000, ge=1, le=65535)
-    # Comma-separated. When set, every endpoint except /healthz and /readyz needs one of them
-    # (X-API-Key or Authorization: Bearer). Empty: no authentication.
+    # Comma-separated. When set, every endpoint that serves data needs one of them (X-API-Key
+    # or Authorization: Bearer); the probes, the page, its static files and the API docs stay
+    # open (they hold no data). Empty: no authentication.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     # Request bodies (raw or multipart) are cut off with 413 once they pass this many bytes.
     api_max_upload_bytes: int = Field(10 * MiB, ge=1024)
@@ -139,6 +169,35 @@ class Settings(BaseSettings):
     # Run the model once per batch size at start-up, so the first queries are not slow.
     api_warmup: bool = True
     api_thumbnail_cache_size: int = Field(512, ge=0, le=100_000)
+    # Thumbnails render on their own threads, never on the pool that store calls use, so a
+    # slow source cannot stall /search, /count or /metrics.
+    api_thumbnail_workers: int = Field(4, ge=1, le=64)
+    # Renders waiting or running at once; past it, thumbnails answer 503 at once instead of
+    # queueing behind slow sources.
+    api_thumbnail_queue: int = Field(64, ge=1, le=10_000)
+    # A thumbnail not ready by then answers 504; it is also its source's fetch deadline.
+    api_thumbnail_timeout_s: float = Field(5.0, gt=0, le=120)
+    # A source that failed or timed out is not fetched again for this long (same answer).
+    api_thumbnail_failure_ttl_s: float = Field(60.0, ge=0, le=86_400)
+    # --- HTTP limits (query_api/limits.py, query_api/protocol.py) ---
+    # The request line and headers together; more is refused with 431 while they arrive
+    # (uvicorn's default parser has no limit at all).
+    api_max_header_bytes: int = Field(16 * 1024, ge=1024, le=MiB)
+    # A request's headers must be complete this long after the connection opened (or the
+    # previous response ended): a client trickling them is answered 408 and closed.
+    api_header_timeout_s: float = Field(10.0, gt=0, le=600)
+    # A request body must arrive within this (10 MiB in 60 s is 175 KB/s) ...
+    api_body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # ... and never pause for longer than this; either answers 408 and frees its memory.
+    api_body_idle_timeout_s: float = Field(15.0, gt=0, le=600)
+    # An idle keep-alive connection is closed after this.
+    api_keepalive_timeout_s: float = Field(5.0, gt=0, le=600)
+    # Requests in flight at once (probes and /metrics excluded); more answer 503 overloaded
+    # with Retry-After at once, so a burst costs at most this many bodies of memory.
+    api_max_concurrent_requests: int = Field(64, ge=1, le=100_000)
+    # Open connections at once; requests on more answer 503 (probes excepted). Idle and slow
+    # connections are cheap but not free; a multiple of the request cap leaves room for them.
+    api_max_connections: int = Field(256, ge=1, le=1_000_000)
     # Also embed each query image without the model's centre crop and search with the sum
     # of both views: finds the source of cropped or zoomed copies far more often (birds,
     # 60% crops: 0.922 -> 0.99 top-1, docs/quality.md) for a second forward pass per query.
@@ -160,6 +219,16 @@ class Settings(BaseSettings):
                     "API_KEYS entries must be at least 16 characters (e.g. `openssl rand -hex 24`)"
                 )
         return keys
+
+    @model_validator(mode="after")
+    def _connections_hold_the_requests(self) -> Settings:
+        if self.api_max_connections < self.api_max_concurrent_requests:
+            raise ValueError(
+                f"API_MAX_CONNECTIONS={self.api_max_connections} is below "
+                f"API_MAX_CONCURRENT_REQUESTS={self.api_max_concurrent_requests}: each request "
+                "needs a connection; raise it (4 times the request cap is a good start)"
+            )
+        return self
     # --- end Query API ---------------------------------------------------------------------
 
     # --- Object detection ------------------------------------------------------------------
@@ -196,6 +265,74 @@ class Settings(BaseSettings):
             )
         return self
     # --- end of object detection -------------------------------------------------------------
+
+    # --- Engines ---------------------------------------------------------------------------
+    # Which inference engine runs the model and the detector (docs/engines.md). auto: the
+    # fastest one installed for the device, in the measured order of
+    # shared/models/choice.py (CPU: onnxruntime, openvino, torch). Every engine gives the
+    # same vectors (cosine >= 0.9999, checked before first use), so switching engines never
+    # means re-indexing.
+    embed_engine: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
+    detector_engine: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
+    # Exported models (ONNX) and the engines' compiled caches. Unset:
+    # $XDG_CACHE_HOME/imgsearch/engines, else ~/.cache/imgsearch/engines.
+    # `imgsearch engines build` fills it ahead of time (Docker images).
+    engine_cache_dir: Path | None = None
+    # Threads of the engine's forward pass; 0: the measured rule (one per core; idle engine
+    # threads sleep, so the decode pool gets the cores when it has work).
+    engine_threads: int = Field(0, ge=0, le=512)
+
+    @field_validator("engine_cache_dir", mode="before")
+    @classmethod
+    def _empty_cache_dir_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def engine_cache_path(self) -> Path:
+        """Where exported models are cached (ENGINE_CACHE_DIR or the user cache)."""
+        from shared.models.export import default_cache_dir
+
+        return (self.engine_cache_dir or default_cache_dir()).expanduser()
+    # --- end of engines --------------------------------------------------------------------
+
+    # --- Re-index ----------------------------------------------------------------------------
+    # Changing the model (or reduction, quantization) of a live index: shared/reindex/,
+    # docs/migration.md. How often the API and the workers look at the index's pointer and
+    # its migration record (to follow a swap, to start or stop dual-writing); 0 never looks
+    # (a deployment that never migrates), which also means they never follow a swap.
+    reindex_poll_s: float = Field(2.0, ge=0, le=300)
+    # Images per page of the backfill's scan of the serving collection (its checkpoint).
+    reindex_batch: int = Field(256, ge=1, le=10_000)
+    # Images re-embedded per second at most (0: as fast as the pipeline goes), so a
+    # backfill leaves room for live traffic.
+    reindex_rate: float = Field(0.0, ge=0)
+    # The swap's gate: this many images searched with their own stored vector in the new
+    # collection, of which at least REINDEX_GATE_MIN must come back first.
+    reindex_gate_sample: int = Field(200, ge=1, le=100_000)
+    reindex_gate_min: float = Field(0.99, ge=0, le=1)
+    # Reconciliation passes (compare old and new, fix the difference) before giving up.
+    reindex_reconcile_rounds: int = Field(5, ge=1, le=100)
+    # How long `finish` waits after ending dual-writes before it drops the old collection,
+    # so every worker has stopped writing to it (at least twice REINDEX_POLL_S).
+    reindex_finish_grace_s: float = Field(10.0, ge=0, le=600)
+    # The API's /admin/reindex endpoints (status, swap, rollback, finish; start where the
+    # process can run the backfill). Off by default; `imgsearch up` turns it on for its
+    # loopback API. Behind API_KEYS when keys are set.
+    reindex_admin_api: bool = False
+    # Kept images (shared/blobs.py): inline uploads carry their bytes only in the event, so
+    # ingest keeps a bounded copy to re-embed them later. Unset: <QDRANT_PATH>/imgsearch-blobs
+    # with the embedded store, nothing with a Qdrant server (set a directory every worker
+    # shares, or s3://bucket/prefix); "off" keeps nothing.
+    blob_store: str | None = None
+    blob_keep: Literal["inline", "none"] = "inline"
+    blob_max_side: int = Field(1024, ge=64, le=16_384)
+    blob_jpeg_quality: int = Field(90, ge=50, le=100)
+
+    @field_validator("blob_store", mode="before")
+    @classmethod
+    def _empty_blob_store_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+    # --- end of re-index ---------------------------------------------------------------------
 
     @field_validator("image_file_roots", mode="before")
     @classmethod

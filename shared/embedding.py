@@ -3,6 +3,11 @@
 The model is built from its timm name; its preprocessing comes from the model's own
 pretrained config (``resolve_data_config`` / ``create_transform``), never hard-coded.
 The vector is the pooled feature, L2-normalised, so cosine similarity is a dot product.
+
+``Embedder`` is the embedding-model interface (shared/models/base.py) that ingest, the
+query path, the CLI and eval use: the shared preprocessing in front of the engine that
+EMBED_ENGINE chose (torch, onnxruntime or openvino; shared/models/choice.py), with the
+exported engines checked against torch before first use (shared/models/export.py).
 """
 
 from __future__ import annotations
@@ -10,9 +15,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,34 +27,26 @@ from PIL import Image
 
 from shared.config import Settings
 from shared.errors import ConfigError, ModelError
+from shared.images import DecodeNeed
+from shared.models.base import Engine, ModelInfo, Pixels, l2_normalize, merge_views, stack
+from shared.models.choice import candidates, engine_threads
+from shared.models.export import (
+    MIN_COSINE,
+    ExportCache,
+    ExportKey,
+    check_vectors,
+    export_onnx,
+    state_digest,
+    verified,
+)
+from shared.models.torch_engine import TorchEngine, resolve_amp, resolve_device
+from shared.preprocess import ModelInput
+from shared.weights import describe_misfit, pretrained_source
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a collection must agree with for its vectors to be comparable."""
-
-    name: str
-    dim: int
-    weights: str  # "hub:<hf id>", "file:<sha256 prefix>" or "random"
-    preprocessing: dict[str, Any]
-
-    def as_metadata(self) -> dict[str, Any]:
-        return {
-            "model_name": self.name,
-            "dim": self.dim,
-            "weights": self.weights,
-            "preprocessing": self.preprocessing,
-        }
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"DEVICE={device} but no CUDA device is available; use DEVICE=cpu")
-    return torch.device(device)
+__all__ = ["Embedder", "ModelInfo", "create_backbone", "merge_views", "resolve_amp",
+           "resolve_device"]
 
 
 def _file_digest(path: Path) -> str:
@@ -79,16 +76,22 @@ def create_backbone(name: str, weights: Path | None, pretrained: bool) -> tuple[
                 name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(weights)}
             )
         except Exception as exc:  # any loader failure means the same: this file won't do
+            # Say which tensors differ and which model the file fits, not torch's raw lines.
+            why = describe_misfit(weights, name) or f"{type(exc).__name__}: {str(exc)[:300]}"
             raise ModelError(
-                f"cannot load MODEL_WEIGHTS={weights} into {name}: {type(exc).__name__}: {exc}. "
-                f"The file must be a state dict (.safetensors, .pth, .bin) for timm's {name}."
+                f"MODEL_WEIGHTS={weights} cannot be loaded into {name}: {why}"
             ) from exc
         return model, f"file:{_file_digest(weights)}"
     if not pretrained:
         log.warning("MODEL_PRETRAINED=false: %s has RANDOM weights; results are meaningless", name)
         return timm.create_model(name, pretrained=False, num_classes=0), "random"
+    # Cached weights load from disk with no network; without them, an unreachable hub is
+    # one ModelError within seconds (not a minute of retries).
+    cached = pretrained_source(name)
+    overlay = {"file": str(cached)} if cached is not None else None
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        model = timm.create_model(name, pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay=overlay)
     except Exception as exc:  # hub/network/cache errors come in many types
         raise ModelError(
             f"cannot get pretrained weights for {name!r} from the model hub "
@@ -100,17 +103,19 @@ def create_backbone(name: str, weights: Path | None, pretrained: bool) -> tuple[
     return model, f"hub:{hub_id}"
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device``, or None for plain fp32."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
 class Embedder:
-    """A loaded model plus its preprocessing. ``embed`` is safe to call from any thread."""
+    """A timm model behind an inference engine, with its preprocessing: the one
+    implementation of the embedding-model interface (shared/models/base.py).
+
+    ``engine``: "torch" (the default for direct construction), "onnxruntime",
+    "openvino" or "auto" (EMBED_ENGINE's default, through ``from_settings``). ``embed`` is
+    safe to call from any thread, and forward passes never overlap (one model already
+    uses every core). With torch they all run on one thread of their own: torch's OpenMP
+    team belongs to the calling thread, and on a busy 2-core machine forwards from the
+    main thread's team ran 3-4x slower than from any other thread. The exported engines
+    keep their own thread pools, so they run on the caller's thread under a lock: one
+    thread hop less per query (the API's micro-batcher calls it directly).
+    """
 
     def __init__(
         self,
@@ -119,31 +124,22 @@ class Embedder:
         weights: Path | str | None = None,
         pretrained: bool = True,
         device: str = "auto",
+        engine: str = "torch",
         channels_last: bool = True,
         amp: str = "auto",
         compile: bool = False,
+        threads: int = 0,
+        cache_dir: Path | None = None,
+        max_batch: int = 32,
     ) -> None:
-        from timm.data import create_transform, resolve_data_config
+        from timm.data import resolve_data_config
 
-        self.device = resolve_device(device)
+        torch_device = resolve_device(device)
         model, weights_desc = create_backbone(
             model_name, Path(weights) if weights is not None else None, pretrained
         )
-        self.channels_last = channels_last
-        self.amp_dtype = resolve_amp(amp, self.device)
-        model = model.eval().to(self.device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = torch.compile(model) if compile else model
-        self.data_config = resolve_data_config(model=model)
-        self.transform = create_transform(**self.data_config, is_training=False)
-        # A second view for queries (QUERY_FULL_FRAME_VIEW): the same resize without the
-        # centre crop's margin. The gallery is embedded through ``transform``, which keeps
-        # the centre crop_pct (87.5% for most models) of each photo; a cropped copy of a
-        # photo shows less than that, magnified, and the full-frame view of it is closer
-        # in scale to what the gallery saw.
-        self.full_frame_transform = create_transform(
-            **{**self.data_config, "crop_pct": 1.0}, is_training=False)
+        model = model.eval()
+        self.input = ModelInput(resolve_data_config(model=model))
         self.dim = int(model.num_features)
         self.info = ModelInfo(
             name=model_name,
@@ -153,71 +149,155 @@ class Embedder:
                 k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()
             },
         )
-        # Every forward pass runs on this one thread, whoever asks. It serialises them (one
-        # model already uses every core), and it sidesteps a measured slowdown: on a busy
-        # 2-core machine, forwards from the main thread's OpenMP team ran 3-4x slower
-        # (9 vs 35 img/s, mobilenetv2_100, batch 32) than from any other thread.
+        self._cache: ExportCache | None = None
+        self._backend = self._open(engine, model, torch_device, channels_last=channels_last,
+                                   amp=amp, compile=compile, threads=engine_threads(threads),
+                                   cache_dir=cache_dir if weights_desc != "random" else None,
+                                   max_batch=max_batch)
+        self.device = str(torch_device)
+        log.info("model %s on %s", model_name, self._backend.describe())
         self._forward = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Embedder:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        threads = settings.engine_threads or settings.torch_threads
+        if threads:
+            torch.set_num_threads(threads)
         return cls(
             settings.model_name,
             weights=settings.model_weights,
             pretrained=settings.model_pretrained,
             device=settings.device,
+            engine=settings.embed_engine,
             channels_last=settings.channels_last,
             amp=settings.embed_amp,
             compile=settings.torch_compile,
+            threads=threads,
+            cache_dir=settings.engine_cache_path,
+            max_batch=max(settings.batch_size, settings.api_batch_max_size),
         )
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB image to the model's input tensor (C, H, W) on the CPU."""
-        return self.transform(image)
+    # -- engines -----------------------------------------------------------------------------
 
-    def preprocess_views(self, image: Image.Image, *, full_frame: bool) -> list[torch.Tensor]:
-        """A query image's input tensors: the gallery's view, and the full frame if asked.
+    def _open(self, setting: str, model: torch.nn.Module, device: torch.device, *,
+              channels_last: bool, amp: str, compile: bool, threads: int,
+              cache_dir: Path | None, max_batch: int) -> Engine:
+        names = candidates(setting, device.type)
+        for n, name in enumerate(names):
+            try:
+                if name == "torch":
+                    return TorchEngine(model, device=device, channels_last=channels_last,
+                                       amp_dtype=resolve_amp(amp, device), compile=compile)
+                return self._exported(name, model, device, threads=threads,
+                                      cache_dir=cache_dir, max_batch=max_batch)
+            except (ModelError, ConfigError, ImportError, OSError, RuntimeError) as exc:
+                if setting != "auto" or n == len(names) - 1:
+                    raise
+                log.warning("EMBED_ENGINE=auto: %s cannot run %s (%s); trying %s",
+                            name, self.info.name, exc, names[n + 1])
+        raise AssertionError("unreachable")
+
+    def _exported(self, name: str, model: torch.nn.Module, device: torch.device, *,
+                  threads: int, cache_dir: Path | None, max_batch: int) -> Engine:
+        model = model.to("cpu").float()
+        probe = stack([self.preprocess(image) for image in _probe_images()])
+        with torch.inference_mode():
+            reference = model(torch.from_numpy(probe)).float().numpy()
+        self._cache = self._cache or ExportCache(cache_dir)
+        key = ExportKey("embedder", self.info.name, state_digest(model), self.input.input_size)
+
+        def open_engine(path: Path) -> Engine:
+            if name == "onnxruntime":
+                from shared.models.onnx_engine import OnnxRuntimeEngine
+
+                return OnnxRuntimeEngine(path, device=str(device), threads=threads,
+                                         cache_dir=path.parent / "tensorrt",
+                                         input_shape=self.input.input_size, max_batch=max_batch)
+            from shared.models.openvino_engine import OpenVinoEngine
+
+            return OpenVinoEngine(path, device=device.type, threads=threads,
+                                  cache_root=path.parent)
+
+        def agrees(engine: Engine) -> str | None:
+            cosine = check_vectors(reference, engine.run(probe))
+            return None if cosine >= MIN_COSINE else (
+                f"lowest cosine {cosine:.6f} on the probe batch, below {MIN_COSINE}")
+
+        example = torch.from_numpy(probe[:1])
+        return verified(name, self.info.name, self._cache, key,
+                        lambda path: export_onnx(model, example, path), open_engine, agrees)
+
+    # -- the interface -----------------------------------------------------------------------
+
+    @property
+    def engine(self) -> str:
+        """The engine's name: torch, onnxruntime or openvino."""
+        return self._backend.name
+
+    def describe(self) -> dict[str, Any]:
+        """What runs the model (engine, version, device, threads), for logs and benches."""
+        return self._backend.describe()
+
+    @property
+    def decode_need(self) -> DecodeNeed:
+        """How small an image may be decoded and still only be shrunk by preprocessing."""
+        return self.input.decode_need
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) of one preprocessed image."""
+        return self.input.input_size
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """RGB image to the model's input, float32 (C, H, W)."""
+        return self.input(image)
+
+    def preprocess_views(self, image: Image.Image, *, full_frame: bool) -> list[np.ndarray]:
+        """A query image's inputs: the gallery's view, and the full frame if asked.
         Embed them and combine the vectors with ``merge_views``."""
-        views = [self.transform(image)]
-        if full_frame:
-            views.append(self.full_frame_transform(image))
-        return views
+        return self.input.views(image, full_frame=full_frame)
 
-    def embed(self, tensors: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
-        """Preprocessed tensors to L2-normalised float32 vectors, shape (N, dim)."""
-        return self._forward.submit(self._embed, tensors).result()
+    def embed(self, batch: Sequence[Pixels] | np.ndarray) -> np.ndarray:
+        """Preprocessed images to L2-normalised float32 vectors, shape (N, dim)."""
+        if self._backend.thread_bound:
+            return self._forward.submit(self._embed, batch).result()
+        with self._lock:
+            return self._embed(batch)
 
-    @torch.inference_mode()
-    def _embed(self, tensors: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
-        batch = tensors if isinstance(tensors, torch.Tensor) else torch.stack(list(tensors))
-        if batch.shape[0] == 0:
+    def _embed(self, batch: Sequence[Pixels] | np.ndarray) -> np.ndarray:
+        array = stack(batch)
+        if len(array) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self.device.type == "cuda":
-            # Page-locked memory lets the copy run asynchronously with the host.
-            batch = batch.pin_memory()
-        batch = batch.to(self.device, non_blocking=True)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        if self.amp_dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype):
-                features = self.model(batch)
-        else:
-            features = self.model(batch)
-        features = torch.nn.functional.normalize(features.float(), dim=1)
-        return features.cpu().numpy()
+        return l2_normalize(self._backend.run(array))
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed([self.preprocess(image) for image in images])
 
+    def close(self) -> None:
+        self._forward.shutdown(wait=True)
+        self._backend.close()
+        if self._cache is not None:
+            self._cache.close()
 
-def merge_views(vectors: np.ndarray) -> np.ndarray:
-    """One query vector from the vectors of one image's views: their normalised sum.
+    # -- the preprocessing's parts, for its own tests (callers use the methods above) -------
 
-    A sum rather than separate searches keeps a query one vector, so paging, thresholds
-    and exclusions work as for any other; it measured within half a point of merging
-    two searches by best score (birds, 60% crops: 0.988 vs 0.992 top-1).
-    """
-    total = np.asarray(vectors, dtype=np.float32).reshape(-1, vectors.shape[-1]).sum(axis=0)
-    return (total / max(float(np.linalg.norm(total)), 1e-12)).astype(np.float32)
+    @property
+    def data_config(self) -> dict[str, Any]:
+        return self.input.data_config
+
+    @property
+    def transform(self) -> Any:
+        return self.input.default
+
+    @property
+    def full_frame_transform(self) -> Any:
+        return self.input.full_frame
+
+
+def _probe_images() -> list[Image.Image]:
+    """Two deterministic photo-like images (smooth colour fields, landscape and portrait)
+    for checking an exported engine against torch."""
+    rng = np.random.default_rng(20261120)
+    return [Image.fromarray(rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)).resize(
+        size, Image.Resampling.BICUBIC) for size in ((320, 240), (240, 320))]

@@ -19,8 +19,11 @@ Every error carries three facts that callers decide on, so nobody matches string
     │   ├── UndecodableImageError
     │   └── ImageTooLargeError       more pixels than the decode limit
     ├── StoreError                   the vector store failed                  (store, retriable)
-    │   └── CollectionMismatchError  collection built for another model        (not retriable)
-    └── BrokerError                  Kafka did not accept or deliver a message (retriable)
+    │   ├── CollectionMismatchError  collection built for another model        (not retriable)
+    │   └── StoreRejectedError       the store refused this write as invalid   (not retriable)
+    ├── BrokerError                  Kafka did not accept or deliver a message (retriable)
+    └── InternalError                a bug met while handling one event: that event fails
+                                     with reason ``internal_error`` (the stage it was in)
 """
 
 from __future__ import annotations
@@ -107,7 +110,32 @@ class CollectionMismatchError(StoreError):
     retriable = False
 
 
+class StoreRejectedError(StoreError):
+    reason = "store_rejected"
+    retriable = False
+
+
 class BrokerError(ImgSearchError):
     reason = "broker_unavailable"
     stage = "broker"
     retriable = True
+
+
+class InternalError(ImgSearchError):
+    """An unexpected exception while handling one event, so that it is dead-lettered
+    (with the original exception named) instead of stopping the worker."""
+
+    reason = "internal_error"
+
+    def __init__(self, message: str, *, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage  # type: ignore[misc]
+
+    @classmethod
+    def wrap(cls, exc: BaseException, stage: str) -> ImgSearchError:
+        """``exc`` itself if it is already one of ours, else an InternalError naming it."""
+        if isinstance(exc, ImgSearchError):
+            return exc
+        error = cls(f"unexpected {type(exc).__name__} in {stage}: {exc}"[:2000], stage=stage)
+        error.__cause__ = exc
+        return error

@@ -13,75 +13,112 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
     StrictStr,
     ValidationError,
     model_validator,
 )
 
 from shared.errors import EventError
+from shared.metadata import Metadata, check_image_id, check_metadata, check_text
+from shared.strictjson import JSONError, loads
 
 UPLOADED = "image.uploaded"
 DELETED = "image.deleted"
 EVENT_TYPES = (UPLOADED, DELETED)
 
-MetadataValue = StrictStr | StrictBool | StrictInt | StrictFloat
-# Keys become payload paths (``metadata.<key>``) and query parameters, so keep them plain.
-METADATA_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$"
-MAX_METADATA_KEYS = 64
+# Envelopes are three levels deep (envelope, data, metadata); anything deeper is refused
+# before it is parsed.
+MAX_EVENT_DEPTH = 4
+# CloudEvents extension attributes: lower-case names, scalar values (spec 1.0, section 3.1).
+_EXTENSION_NAME = r"^[a-z0-9]{1,20}$"
+MAX_EXTENSIONS = 32
+MAX_TEXT = 1024  # source, id, datacontenttype, extension values
+MAX_URI = 4096
+
+
+def event_max_bytes(fetch_max_bytes: int) -> int:
+    """The largest event value accepted: an inline image of ``fetch_max_bytes`` as base64,
+    plus room for the envelope and its metadata."""
+    return -(-fetch_max_bytes // 3) * 4 + 64 * 1024
+
+
+DEFAULT_EVENT_MAX_BYTES = event_max_bytes(25 * 1024 * 1024)
+
+
+def _text(max_length: int, *, single_line: bool = True) -> Any:
+    def check(value: str, info: Any) -> str:
+        return check_text(value, info.field_name or "value", max_length=max_length,
+                          single_line=single_line)
+    return AfterValidator(check)
+
+
+def _image_id(value: str) -> str:
+    return check_image_id(value)
+
+
+def _metadata(value: dict[str, Any]) -> Metadata:
+    return check_metadata(value)
+
+
+Text = Annotated[StrictStr, Field(min_length=1), _text(MAX_TEXT)]
+ImageId = Annotated[StrictStr, Field(min_length=1), AfterValidator(_image_id)]
+MetadataField = Annotated[dict[str, Any], AfterValidator(_metadata)]
 
 
 class _Envelope(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     specversion: Literal["1.0"]
-    type: StrictStr
-    source: StrictStr = Field(min_length=1)
-    id: StrictStr = Field(min_length=1)
+    type: Text
+    source: Text
+    id: Text
     time: datetime | None = None
-    datacontenttype: StrictStr | None = None
+    datacontenttype: Annotated[StrictStr, _text(MAX_TEXT)] | None = None
     data: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _extensions(self) -> _Envelope:
+        extras = self.model_extra or {}
+        if len(extras) > MAX_EXTENSIONS:
+            raise ValueError(f"{len(extras)} extension attributes; at most {MAX_EXTENSIONS}")
+        for name, value in extras.items():
+            if not re.match(_EXTENSION_NAME, name):
+                raise ValueError(f"attribute {name[:40]!r} is not a CloudEvents extension name "
+                                 "(1-20 lower-case letters or digits)")
+            if isinstance(value, str):
+                check_text(value, name, max_length=MAX_TEXT)
+            elif not isinstance(value, (bool, int)) or isinstance(value, float):
+                raise ValueError(f"extension attribute {name!r} must be a string, integer or "
+                                 "boolean")
+        return self
 
 
 class _UploadedData(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image_id: StrictStr = Field(min_length=1, max_length=512)
-    uri: StrictStr | None = Field(None, min_length=1, max_length=4096)
+    image_id: ImageId
+    uri: Annotated[StrictStr, Field(min_length=1), _text(MAX_URI)] | None = None
     image_b64: StrictStr | None = None
-    metadata: dict[StrictStr, MetadataValue] = Field(default_factory=dict)
+    metadata: MetadataField = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> _UploadedData:
         if (self.uri is None) == (self.image_b64 is None):
             raise ValueError("data must carry exactly one of 'uri' and 'image_b64'")
-        check_metadata(self.metadata)
         return self
 
 
 class _DeletedData(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image_id: StrictStr = Field(min_length=1, max_length=512)
-
-
-def check_metadata(metadata: dict[str, Any]) -> None:
-    if len(metadata) > MAX_METADATA_KEYS:
-        raise ValueError(f"metadata has {len(metadata)} keys; at most {MAX_METADATA_KEYS}")
-    for key in metadata:
-        if not re.match(METADATA_KEY_PATTERN, key):
-            raise ValueError(
-                f"metadata key {key!r} must match {METADATA_KEY_PATTERN} "
-                "(letters, digits, '_' and '-', starting with a letter or '_')"
-            )
+    image_id: ImageId
 
 
 @dataclass(frozen=True)
@@ -104,28 +141,32 @@ class ImageDeleted:
 Event = ImageUploaded | ImageDeleted
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    """Each problem as ``field.path: what is wrong``, naming the field once."""
     parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "event"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = [str(p) for p in err["loc"]]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if loc and msg.startswith((f"{loc[-1]}:", f"{loc[-1]}.")):
+            parts.append(prefix + ".".join(loc[:-1] + [msg]))  # our checks name the field
+        else:
+            parts.append(f"{prefix}{'.'.join(loc) or 'event'}: {msg}")
+    return "; ".join(parts)[:2000]
 
 
-def parse_event(value: bytes | None) -> Event:
-    """Parse one Kafka message value. Raises EventError with a reason code:
+def parse_event(value: bytes | None, *, max_bytes: int = DEFAULT_EVENT_MAX_BYTES) -> Event:
+    """Parse one Kafka message value. Raises EventError, and only EventError, with a reason:
 
-    ``invalid_json`` (not UTF-8 JSON), ``invalid_event`` (envelope or data fails the schema),
-    ``unknown_type``, ``invalid_base64``.
+    ``invalid_json`` (not UTF-8 JSON, over ``max_bytes``, nested too deep, NaN or Infinity),
+    ``invalid_event`` (envelope or data fails the schema), ``unknown_type``, ``invalid_base64``.
     """
     if value is None:
         raise EventError("message has no value (tombstone)", reason="invalid_event")
     try:
-        raw = json.loads(value.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise EventError(f"message value is not UTF-8: {exc}", reason="invalid_json") from exc
-    except json.JSONDecodeError as exc:
-        raise EventError(f"message value is not JSON: {exc}", reason="invalid_json") from exc
+        raw = loads(value, max_bytes=max_bytes, max_depth=MAX_EVENT_DEPTH)
+    except JSONError as exc:
+        raise EventError(f"message value is not acceptable JSON: {exc}",
+                         reason="invalid_json") from exc
     if not isinstance(raw, dict):
         raise EventError("event must be a JSON object", reason="invalid_event")
     try:
@@ -137,7 +178,7 @@ def parse_event(value: bytes | None) -> Event:
         try:
             data = _UploadedData.model_validate(envelope.data)
         except ValidationError as exc:
-            raise EventError(f"invalid image.uploaded data: {_describe(exc)}") from exc
+            raise EventError(f"invalid image.uploaded data: {_describe(exc, 'data.')}") from exc
         image_bytes = None
         if data.image_b64 is not None:
             try:
@@ -160,10 +201,10 @@ def parse_event(value: bytes | None) -> Event:
         try:
             deleted = _DeletedData.model_validate(envelope.data)
         except ValidationError as exc:
-            raise EventError(f"invalid image.deleted data: {_describe(exc)}") from exc
+            raise EventError(f"invalid image.deleted data: {_describe(exc, 'data.')}") from exc
         return ImageDeleted(event_id=envelope.id, source=envelope.source, image_id=deleted.image_id)
     raise EventError(
-        f"unknown event type {envelope.type!r}; expected one of {', '.join(EVENT_TYPES)}",
+        f"unknown event type {envelope.type[:100]!r}; expected one of {', '.join(EVENT_TYPES)}",
         reason="unknown_type",
     )
 
@@ -196,13 +237,14 @@ def upload_event(
         data["uri"] = uri
     else:
         data["image_b64"] = base64.b64encode(image_bytes or b"").decode("ascii")
+    check_image_id(image_id)
     if metadata:
-        check_metadata(metadata)
-        data["metadata"] = metadata
+        data["metadata"] = check_metadata(metadata)
     return _envelope(UPLOADED, source, data)
 
 
 def delete_event(image_id: str, *, source: str = "imgsearch") -> dict[str, Any]:
+    check_image_id(image_id)
     return _envelope(DELETED, source, {"image_id": image_id})
 
 

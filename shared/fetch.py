@@ -128,7 +128,15 @@ class ImageFetcher:
         self.close()
 
     def fetch(self, uri: str) -> bytes:
-        scheme = urllib.parse.urlsplit(uri).scheme.lower()
+        try:
+            # Parsing is where a malformed URI shows (an unclosed "[", a port past 65535).
+            parts = urllib.parse.urlsplit(uri)
+            scheme = parts.scheme.lower()
+            if scheme in ("http", "https"):
+                parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            raise ForbiddenSourceError(f"not a valid URI: {uri[:200]!r}: {exc}",
+                                       reason="unsupported_uri") from exc
         if scheme == "file":
             return read_limited_file(resolve_file_uri(uri, self.file_roots), self.max_bytes)
         if scheme in ("http", "https"):
@@ -157,10 +165,13 @@ class ImageFetcher:
 
     def _http_once(self, url: str, deadline: float) -> bytes | str:
         """One request. Returns the body, or the next URL for a redirect."""
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:  # a redirect to a malformed URL
+            raise ForbiddenSourceError(f"not a valid URL: {url[:200]!r}: {exc}") from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ForbiddenSourceError(f"refusing to follow to {url[:200]!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         ip = resolve_allowed(parts.hostname, port, self.allowed_networks)
         # Connect to the checked address; keep the name for Host and TLS (SNI, certificate).
         ip_host = f"[{ip}]" if ip.version == 6 else str(ip)
@@ -230,7 +241,7 @@ class ImageFetcher:
         parts = urllib.parse.urlsplit(uri)
         bucket, key = parts.netloc, parts.path.lstrip("/")
         if not bucket or not key:
-            raise SourceError(f"s3 URI must be s3://bucket/key, got {uri!r}", reason="invalid_uri")
+            raise SourceError(f"s3 URI must be s3://bucket/key, got {uri!r}", reason="unsupported_uri")
         if self._s3 is None:
             try:
                 import boto3  # optional extra

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,6 +38,9 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         "bootstrap_servers": bootstrap_servers(settings),
         "client_id": f"{settings.kafka_client_id}-producer",
         "acks": "all",
+        # Explicit, so that a conflicting override raises instead of quietly turning it off:
+        # a retried send after a lost ack is then written once, not twice.
+        "enable_idempotence": True,
         "retries": 5,
         "linger_ms": 5,
         # Fail fast when the broker is away, instead of blocking send() for a minute.
@@ -44,6 +48,14 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         "max_request_size": max(1_048_576, settings.fetch_max_bytes * 2),
     }
     config.update(overrides)
+    if "max_block_ms" in overrides:
+        # kafka-python 3 first waits bootstrap_timeout_ms (30 s) for a broker, before send()
+        # can even block: a caller that bounds the blocking (the API, by
+        # API_PUBLISH_TIMEOUT_S) means that bound for the whole wait when the broker is away.
+        config.setdefault("bootstrap_timeout_ms", config["max_block_ms"])
+        # No broker listening at all is known at once; and a producer whose bootstrap fails
+        # leaks its sockets, one set per attempt.
+        check_reachable(settings, min(PROBE_TIMEOUT_S, config["max_block_ms"] / 1000))
     return KafkaProducer(**config)
 
 
@@ -72,7 +84,7 @@ def make_consumer(
 
 def ensure_topics(settings: Settings, topics: Iterable[str], *, partitions: int = 4) -> None:
     """Create topics that do not exist yet (for local brokers; production creates its own)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers(settings))
+    admin = make_admin(settings)
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
@@ -85,6 +97,46 @@ def ensure_topics(settings: Settings, topics: Iterable[str], *, partitions: int 
         log.info("created topics %s with %d partitions", ", ".join(missing), partitions)
     finally:
         admin.close()
+
+
+# --- Bounded client start-up, for command-line tools (imgsearch dlq, publish, up) ---------
+# A client of kafka-python 3 retries its bootstrap for 30 s and logs an error per attempt;
+# a person at a terminal should hear "no broker there" in seconds, in one line.
+CLI_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 3.0
+
+
+def check_reachable(settings: Settings, timeout_s: float = PROBE_TIMEOUT_S,
+                    hint: str = "") -> None:
+    """Raise BrokerError (one line, naming KAFKA_BOOTSTRAP_SERVERS) unless at least one
+    bootstrap server accepts a TCP connection within ``timeout_s``."""
+    servers = bootstrap_servers(settings)
+    reasons = []
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)),
+                                          timeout=timeout_s):
+                return
+        except (OSError, ValueError) as exc:
+            reasons.append(f"{server}: {getattr(exc, 'strerror', None) or exc}")
+    raise BrokerError(
+        f"no Kafka broker answers at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} "
+        f"({'; '.join(reasons) or 'no servers named'}).{(' ' + hint) if hint else ''}",
+        retriable=True,
+    )
+
+
+def client_timeouts(timeout_s: float = CLI_TIMEOUT_S) -> dict[str, Any]:
+    """kafka-python settings that bound a client's start-up and each request."""
+    ms = int(timeout_s * 1000)
+    return {"bootstrap_timeout_ms": ms, "request_timeout_ms": ms + 1000}
+
+
+def make_admin(settings: Settings, timeout_s: float = CLI_TIMEOUT_S) -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=bootstrap_servers(settings),
+                            client_id=f"{settings.kafka_client_id}-admin",
+                            **client_timeouts(timeout_s))
 
 
 class EventPublisher:

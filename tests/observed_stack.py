@@ -28,8 +28,8 @@ import threading
 from types import FrameType
 
 import uvicorn
-from prometheus_client import start_http_server
 
+from ingest_worker.probes import ProbeServer
 from ingest_worker.service import WorkerGroup
 from query_api.app import create_app
 from shared.components import Components
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host, port=args.api_port, log_level="warning", log_config=None,
     ))
     group = WorkerGroup(components)
-    metrics_server, metrics_thread = start_http_server(args.worker_metrics_port, addr=args.host)
+    # The worker's own endpoint: /metrics and its probes, as `python -m ingest_worker` serves.
+    probes = ProbeServer(args.host, args.worker_metrics_port, group.health).start()
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -76,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     finally:
         group.close()
-        metrics_server.shutdown()
-        metrics_thread.join(5)
+        probes.stop()
         publisher.close()
         components.close()
     if group.errors:

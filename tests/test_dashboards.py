@@ -66,7 +66,8 @@ def test_there_is_something_to_check() -> None:
     assert len(queries) >= 30, "the dashboard lost its panels"
     assert {r["alert"] for r in alert_rules()} >= {
         "IngestLagHigh", "IngestLagGrowing", "IngestDeadLetters", "IngestWorkerNotConsuming",
-        "QueryApiErrorRatio", "QueryApiLatencyHigh", "TargetDown",
+        "QueryApiErrorRatio", "QueryApiLatencyHigh", "TargetDown", "IngestInternalErrors",
+        "QueryApiOverloaded",
     }
 
 

@@ -27,6 +27,9 @@ import yaml
 from tests.promql import DASHBOARDS, PROMETHEUS_CONFIG, REPO, panels
 
 COMPOSE = REPO / "docker-compose.yml"
+# The cluster topology (3 Kafka brokers, 3 Qdrant nodes): docs/scaling.md.
+CLUSTER_COMPOSE = REPO / "deploy" / "compose-cluster.yml"
+COMPOSE_FILES = {"single": COMPOSE, "cluster": CLUSTER_COMPOSE}
 SCHEMA = REPO / "deploy" / "schema" / "compose-spec.json"
 ALERTMANAGER_CONFIG = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
 GRAFANA = REPO / "deploy" / "grafana"
@@ -116,6 +119,28 @@ def compose(raw: dict[str, Any]) -> dict[str, Any]:
     return interpolate(raw, {})
 
 
+class ComposeFile:
+    """One compose file as written and after interpolation; relative paths in it are
+    relative to its folder (Compose's project directory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+        self.raw = yaml.safe_load(path.read_text())
+        self.doc = interpolate(self.raw, {})
+
+
+@pytest.fixture(scope="module", params=sorted(COMPOSE_FILES), ids=sorted(COMPOSE_FILES))
+def any_compose(request: pytest.FixtureRequest) -> ComposeFile:
+    """Each compose file in turn, for the checks every one of them must pass."""
+    return ComposeFile(COMPOSE_FILES[request.param])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, Any]:
+    return ComposeFile(CLUSTER_COMPOSE).doc
+
+
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return compose["services"]
 
@@ -147,11 +172,10 @@ def healthcheck_text(service: dict[str, Any]) -> str:
     return " ".join(test) if isinstance(test, list) else test
 
 
-def test_compose_file_follows_the_compose_specification(raw: dict[str, Any],
-                                                        compose: dict[str, Any]) -> None:
+def test_compose_file_follows_the_compose_specification(any_compose: ComposeFile) -> None:
     schema = json.loads(SCHEMA.read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
-    for name, doc in (("as written", raw), ("after interpolation", compose)):
+    for name, doc in (("as written", any_compose.raw), ("after interpolation", any_compose.doc)):
         errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
         assert not errors, f"{name}:\n" + "\n".join(
             f"  {'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:20])
@@ -173,8 +197,8 @@ def test_the_stack_has_every_part(compose: dict[str, Any]) -> None:
     assert s["query-api"]["command"] == ["python", "-m", "query_api"]
 
 
-def test_images_are_pinned(compose: dict[str, Any]) -> None:
-    for name, service in services(compose).items():
+def test_images_are_pinned(any_compose: ComposeFile) -> None:
+    for name, service in services(any_compose.doc).items():
         image = service.get("image")
         assert image, f"{name} has no image (a built service needs one to tag its build)"
         match = re.fullmatch(r"(?:[\w.\-]+(?::\d+)?/)?[\w.\-/]+:([\w][\w.\-]{0,127})", image)
@@ -182,21 +206,21 @@ def test_images_are_pinned(compose: dict[str, Any]) -> None:
         assert match.group(1) != "latest", f"{name}: image {image!r} floats on latest"
 
 
-def test_entry_points_exist(compose: dict[str, Any]) -> None:
-    for name, service in services(compose).items():
+def test_entry_points_exist(any_compose: ComposeFile) -> None:
+    for name, service in services(any_compose.doc).items():
         command = service.get("command")
         if isinstance(command, list) and command[:2] == ["python", "-m"]:
             module = command[2]
             assert importlib.util.find_spec(f"{module}.__main__"), f"{name}: no {module}.__main__"
 
 
-def test_imgsearch_services_are_configured_with_real_settings(compose: dict[str, Any],
+def test_imgsearch_services_are_configured_with_real_settings(any_compose: ComposeFile,
                                                               tmp_path: Path) -> None:
     """Every variable given to our containers is a Settings field, and together they load."""
     from shared.config import Settings, load_settings
 
     fields = {name.upper() for name in Settings.model_fields}
-    for name, service in services(compose).items():
+    for name, service in services(any_compose.doc).items():
         if not service["image"].startswith(OUR_IMAGES):
             continue
         env = env_of(service)
@@ -209,7 +233,8 @@ def test_imgsearch_services_are_configured_with_real_settings(compose: dict[str,
         assert settings.qdrant_url, f"{name}: the compose stack must use the Qdrant server"
 
 
-def test_named_volumes_are_declared_and_used(compose: dict[str, Any]) -> None:
+def test_named_volumes_are_declared_and_used(any_compose: ComposeFile) -> None:
+    compose = any_compose.doc
     declared = set(compose.get("volumes") or {})
     used = set()
     for name, service in services(compose).items():
@@ -221,21 +246,21 @@ def test_named_volumes_are_declared_and_used(compose: dict[str, Any]) -> None:
     assert declared == used, f"declared but unused: {sorted(declared - used)}"
 
 
-def test_bind_mounted_files_exist(compose: dict[str, Any]) -> None:
-    for name, service in services(compose).items():
+def test_bind_mounted_files_exist(any_compose: ComposeFile) -> None:
+    for name, service in services(any_compose.doc).items():
         for mount in service.get("volumes", []):
             source = mount.split(":")[0]
             if source.startswith("."):
-                assert (COMPOSE.parent / source).exists(), f"{name}: {source} does not exist"
+                assert (any_compose.base / source).exists(), f"{name}: {source} does not exist"
 
 
-def mounted(service: dict[str, Any], container_path: str) -> Path:
+def mounted(service: dict[str, Any], container_path: str, base: Path = COMPOSE.parent) -> Path:
     """The repository file behind a path inside a container, via its bind mounts."""
     for mount in service.get("volumes", []):
         source, target = mount.split(":")[:2]
         if source.startswith(".") and (container_path == target
                                        or container_path.startswith(target.rstrip("/") + "/")):
-            return COMPOSE.parent / source / os.path.relpath(container_path, target)
+            return base / source / os.path.relpath(container_path, target)
     raise AssertionError(f"{container_path} is not bind-mounted from the repository")
 
 
@@ -330,8 +355,8 @@ def test_ports_and_addresses_agree(compose: dict[str, Any]) -> None:
     assert len(host_ports) == len(set(host_ports)), host_ports
 
 
-def test_dependencies_can_be_met(compose: dict[str, Any]) -> None:
-    s = services(compose)
+def test_dependencies_can_be_met(any_compose: ComposeFile) -> None:
+    s = services(any_compose.doc)
     for name, service in s.items():
         for dep, spec in (service.get("depends_on") or {}).items():
             assert dep in s, f"{name} depends on unknown {dep}"
@@ -378,13 +403,15 @@ def ignored(path: str, patterns: list[str]) -> bool:
     return False
 
 
-def test_dockerfiles_build_from_files_that_exist(compose: dict[str, Any]) -> None:
+def test_dockerfiles_build_from_files_that_exist(any_compose: ComposeFile) -> None:
     patterns = dockerignore()
-    built = [(n, svc["build"]) for n, svc in services(compose).items() if "build" in svc]
-    assert {b["dockerfile"] for _, b in built} == {"deploy/docker/Dockerfile",
+    built = [(n, svc["build"]) for n, svc in services(any_compose.doc).items() if "build" in svc]
+    assert {b["dockerfile"] for _, b in built} <= {"deploy/docker/Dockerfile",
                                                   "deploy/docker/Dockerfile.cuda"}
+    assert built, "nothing is built from this repository"
     for name, build in built:
-        context = COMPOSE.parent / build["context"]
+        context = (any_compose.base / build["context"]).resolve()
+        assert context == REPO.resolve(), f"{name}: build context {context} is not the repo"
         dockerfile = context / build["dockerfile"]
         assert dockerfile.is_file(), f"{name}: {dockerfile} is missing"
         text = dockerfile.read_text()
@@ -446,13 +473,21 @@ _OPTIONS_WITH_VALUE = {"--scale", "--profile", "-f", "--file", "--index", "-e", 
 
 
 def test_operations_doc_commands_name_real_services_and_profiles(compose: dict[str, Any]) -> None:
-    s = services(compose)
-    profiles = {p for svc in s.values() for p in svc.get("profiles", [])}
-    text = OPERATIONS.read_text()
-    commands = [c.split("#")[0] for c in _COMPOSE_CMD.findall(text)]
+    text = OPERATIONS.read_text() + (REPO / "docs" / "scaling.md").read_text()
+    # A trailing backslash continues the command on the next line: its first line is enough.
+    commands = [c.split("#")[0].rstrip().removesuffix("\\") for c in _COMPOSE_CMD.findall(text)]
     assert len(commands) >= 8, "docs/operations.md should show how to run the stack"
     for command in commands:
         tokens = shlex.split(command)
+        # `-f FILE` picks the compose file the command runs against (the cluster's).
+        files, i = [], 0
+        while i < len(tokens) and tokens[i].startswith("-"):  # global options only
+            if tokens[i] in ("-f", "--file"):
+                files.append(tokens[i + 1])
+            i += 2 if tokens[i] in _OPTIONS_WITH_VALUE else 1
+        assert all((REPO / f).is_file() for f in files), f"`docker compose {command}`: {files}"
+        s = services(ComposeFile(REPO / files[0]).doc if files else compose)
+        profiles = {p for svc in s.values() for p in svc.get("profiles", [])}
         for scaled in re.findall(r"--scale[= ](\S+)=\d+", command):
             assert scaled in s, f"`docker compose {command}`: no service {scaled}"
         i, sub = 0, None
@@ -479,3 +514,93 @@ def test_operations_doc_commands_name_real_services_and_profiles(compose: dict[s
 def test_operations_doc_says_the_stack_is_not_started_in_ci() -> None:
     text = OPERATIONS.read_text()
     assert "Docker" in text and re.search(r"not (started|run)[^.]*(CI|tests)", text)
+
+
+# -- the cluster topology (deploy/compose-cluster.yml) ---------------------------------------------
+
+
+def named(s: dict[str, dict[str, Any]], prefix: str) -> dict[str, dict[str, Any]]:
+    return {n: svc for n, svc in s.items() if re.fullmatch(rf"{prefix}-\d+", n)}
+
+
+def test_cluster_kafka_is_three_kraft_brokers_that_keep_two_copies(cluster: dict[str, Any]) -> None:
+    s = services(cluster)
+    brokers = named(s, "kafka")
+    assert len(brokers) == 3
+    voters = set()
+    for name, broker in brokers.items():
+        env = env_of(broker)
+        assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+        voters.add(env["KAFKA_CONTROLLER_QUORUM_VOTERS"])
+        advertised = dict(re.findall(r"(\w+)://([^,]+)", env["KAFKA_ADVERTISED_LISTENERS"]))
+        assert advertised["PLAINTEXT"] == f"{name}:9092"
+        assert int(env["KAFKA_DEFAULT_REPLICATION_FACTOR"]) == 3
+        assert int(env["KAFKA_MIN_INSYNC_REPLICAS"]) == 2
+        assert int(env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]) == 3
+        assert int(env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"]) == 2
+        assert env["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"] == "false"
+        assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    # One quorum naming every broker by its own node id.
+    assert len(voters) == 1
+    quorum = dict(v.split("@") for v in voters.pop().split(","))
+    assert {quorum[str(env_of(b)["KAFKA_NODE_ID"])].split(":")[0] for b in brokers.values()} \
+        == set(brokers)
+    script = "\n".join(s["kafka-init"]["command"])
+    assert script.count("--replication-factor 3") == 2
+    assert script.count("min.insync.replicas=2") == 2
+    # Clients know every broker, so losing the one they bootstrapped from does not matter.
+    for name in ("ingest-worker", "query-api"):
+        servers = env_of(s[name])["KAFKA_BOOTSTRAP_SERVERS"].split(",")
+        assert servers == [f"{b}:9092" for b in sorted(brokers)]
+
+
+def test_cluster_qdrant_is_three_nodes_behind_one_name(cluster: dict[str, Any],
+                                                       tmp_path: Path) -> None:
+    from shared.config import load_settings
+
+    s = services(cluster)
+    nodes = named(s, "qdrant")
+    assert len(nodes) == 3
+    bootstrap = {env_of(n)["QDRANT_BOOTSTRAP"] for n in nodes.values()}
+    assert len(bootstrap) == 1
+    first = [name for name, n in nodes.items() if env_of(n)["QDRANT_URI"] in bootstrap]
+    assert len(first) == 1, "exactly one node starts the cluster (its URI is the bootstrap)"
+    for name, node in nodes.items():
+        env = env_of(node)
+        assert env["QDRANT__CLUSTER__ENABLED"] == "true"
+        assert env["QDRANT_URI"] == f"http://{name}:{env['QDRANT__CLUSTER__P2P__PORT']}"
+        assert node["networks"]["default"]["aliases"] == ["qdrant"]
+        if name not in first:
+            assert node["depends_on"][first[0]]["condition"] == "service_healthy"
+    for name in ("ingest-worker", "query-api"):
+        env = env_of(s[name])
+        host, port = url_port(env["QDRANT_URL"])
+        assert host == "qdrant" and port == 6333
+        for node in nodes:  # nobody starts before every node is ready
+            assert s[name]["depends_on"][node]["condition"] == "service_healthy"
+        values = {k.lower(): v for k, v in env.items() if v is not None}
+        settings = load_settings(**{**values, "image_file_roots": str(tmp_path)})
+        assert (settings.qdrant_shards, settings.qdrant_replication_factor) == (6, 2)
+        assert settings.qdrant_write_consistency == 1
+        assert settings.qdrant_write_ordering == "medium"
+
+
+def test_cluster_probes_and_scrapes_point_at_real_endpoints(cluster: dict[str, Any]) -> None:
+    s = services(cluster)
+    worker = s["ingest-worker"]
+    port = int(env_of(worker)["WORKER_METRICS_PORT"])
+    assert f"127.0.0.1:{port}/readyz" in healthcheck_text(worker)
+    api = s["query-api"]
+    assert f"127.0.0.1:{env_of(api)['API_PORT']}/readyz" in healthcheck_text(api)
+    # The shipped Prometheus, Alertmanager and Grafana files, mounted from deploy/.
+    prom = s["prometheus"]
+    assert mounted(prom, flag(prom, "config.file"), CLUSTER_COMPOSE.parent).resolve() \
+        == PROMETHEUS_CONFIG.resolve()
+    jobs = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+    for job in jobs:
+        for sd in job.get("dns_sd_configs", []):
+            for dns_name in sd["names"]:
+                assert dns_name in s or dns_name == "dcgm-exporter", dns_name
+    assert mounted(s["grafana"], "/etc/grafana/provisioning", CLUSTER_COMPOSE.parent).is_dir()
+    published = [str(p).rsplit(":", 1)[0] for svc in s.values() for p in svc.get("ports", [])]
+    assert len(published) == len(set(published)), published

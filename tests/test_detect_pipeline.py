@@ -24,7 +24,9 @@ from shared.components import Components, collection_spec
 from shared.detection import Cropper, CropMode, Detector
 from shared.events import ImageDeleted, ImageUploaded
 from shared.fetch import ImageFetcher
-from shared.pipeline import BatchReport, WorkItem
+from shared.pipeline.report import BatchReport
+from shared.pipeline.scheduler import run_all
+from shared.pipeline.stages import WorkItem
 from shared.store.base import PARENT_FIELD
 from shared.store.qdrant import QdrantStore
 from tests.conftest import asset
@@ -61,7 +63,8 @@ class Stack:
         if cropper is not None:
             pipeline.cropper = cropper
         try:
-            report = pipeline.process(list(items))
+            report = run_all(pipeline, list(items), batch_size=self.settings.batch_size,
+                             prepare_workers=2)
         finally:
             pipeline.close()
         assert not report.failures, [(r.item.key, str(r.error)) for r in report.failures]

@@ -507,3 +507,29 @@ def test_loading_the_detector_leaves_pillow_and_torch_alone(detector: Detector) 
     assert torch.save.__module__ == "torch.serialization"
     with pytest.raises(UndecodableImageError):
         decode_image(b"just some text, named .jpg", max_pixels=10_000)
+
+
+def test_with_a_detector_phone_photos_decode_for_the_detector(detector: Detector,
+                                                              embedder: Any) -> None:
+    """A 12 MP JPEG decodes at 1/2 scale (2016 px, covering DETECT_MAX_SIDE) and shrinks
+    to 1280 for the detector; the payload's size and boxes stay in original pixels."""
+    from bench.phone_photos import phone_jpeg
+    from shared.detection import DETECT_MAX_SIDE
+    from shared.events import ImageUploaded
+    from shared.fetch import ImageFetcher
+    from shared.images import DecodeNeed
+    from shared.pipeline.stages import IngestPipeline
+
+    pipeline = IngestPipeline(embedder, None, ImageFetcher(), max_pixels=10**8,  # type: ignore[arg-type]
+                              cropper=Cropper(detector, "largest"))
+    try:
+        assert pipeline.decode_need == DecodeNeed(359, DETECT_MAX_SIDE)
+        data = phone_jpeg(asset("data/detect/bus.jpg"), 0, orientation=6)
+        prepared = pipeline.prepare(ImageUploaded("e", "test", "bus", None, data), None)
+    finally:
+        pipeline.close()
+    assert prepared.size == (4032, 3024)
+    assert prepared.image is not None and max(prepared.image.size) == DETECT_MAX_SIDE
+    [crops] = Cropper(detector, "largest").crops_for([prepared.image], [prepared.size])
+    assert crops[0].detection is not None and crops[0].detection.class_name == "bus"
+    assert crops[0].box[2] <= 4032 and crops[0].box[3] <= 3024

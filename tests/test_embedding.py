@@ -76,4 +76,4 @@ def test_offline_without_weights_says_what_to_do(tmp_path: Path) -> None:
             "except ModelError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
-    assert "MODEL_WEIGHTS=" in out.stdout and "MODEL_NAME" in out.stdout, out.stdout + out.stderr
+    assert "MODEL_WEIGHTS" in out.stdout and "MODEL_NAME" in out.stdout, out.stdout + out.stderr

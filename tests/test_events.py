@@ -78,3 +78,76 @@ def test_bad_events_are_named(value: bytes | None, reason: str) -> None:
     assert info.value.reason == reason
     assert not info.value.retriable
     assert str(info.value)  # a message a person can read
+
+
+def envelope_text(data_json: str) -> bytes:
+    return ('{"specversion": "1.0", "type": "image.uploaded", "source": "t", "id": "e1", '
+            f'"data": {data_json}}}').encode()
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "names"),
+    [
+        # What the outside probe found: each of these used to pass or crash the worker.
+        (envelope_text('{"image_id": "a", "uri": "file:///a", "metadata": {"x": NaN}}'),
+         "invalid_json", "NaN"),
+        (envelope_text('{"image_id": "a", "uri": "file:///a", "metadata": {"x": -Infinity}}'),
+         "invalid_json", "Infinity"),
+        (envelope_text('{"image_id": "a", "uri": "file:///a", "metadata": {"x": 1e400}}'),
+         "invalid_json", "64-bit float"),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "invalid_json", "nested deeper"),
+        (b"[" * 10 + b"]" * 10, "invalid_json", "nested deeper"),
+        (envelope_text('{"image_id": "a", "uri": "file:///a", "metadata": {"n": %d}}' % 2**64),
+         "invalid_event", "data.metadata.n"),
+        (envelope_text('{"image_id": "a", "uri": "file:///a", "metadata": {"s": "%s"}}'
+                       % ("x" * 5_000_000)), "invalid_event", "data.metadata.s"),
+        (envelope_text('{"image_id": "a\\nb", "uri": "file:///a"}'), "invalid_event",
+         "data.image_id"),
+        (envelope_text('{"image_id": "\\ud800", "uri": "file:///a"}'), "invalid_json",
+         "surrogate"),
+        (envelope_text('{"image_id": "   ", "uri": "file:///a"}'), "invalid_event",
+         "data.image_id"),
+        (envelope_text('{"image_id": "a", "uri": "file:///a\\u0000b"}'), "invalid_event",
+         "data.uri"),
+        (envelope_text('{"image_id": "a", "uri": "file:///a", "metadata": {"k": null}}'),
+         "invalid_event", "data.metadata.k"),
+        (envelope_text('{"image_id": "a", "uri": "file:///a", "metadata": {"k": [1]}}'),
+         "invalid_event", "data.metadata.k"),
+        (envelope_text('{"image_id": "a", "uri": "file:///a", "metadata": {%s}}'
+                       % ", ".join(f'"k{i}": "{"v" * 1000}"' for i in range(30))),
+         "invalid_event", "16,384"),
+        (b'{"specversion": "1.0", "type": "image.uploaded", "source": "t", "id": "e1", '
+         b'"Trace": "x", "data": {"image_id": "a", "uri": "file:///a"}}', "invalid_event",
+         "extension"),
+        (b'{"specversion": "1.0", "type": "image.uploaded", "source": "t", "id": "e1", '
+         b'"trace": {"a": 1}, "data": {"image_id": "a", "uri": "file:///a"}}', "invalid_event",
+         "trace"),
+        (b"x" * 100, "invalid_json", ""),
+    ],
+    ids=lambda v: v[:40] if isinstance(v, bytes) else str(v)[:40],
+)
+def test_the_contract_refuses_what_the_store_cannot_hold(value: bytes, reason: str,
+                                                         names: str) -> None:
+    with pytest.raises(EventError) as info:
+        parse_event(value)
+    assert info.value.reason == reason
+    assert names in str(info.value)
+    assert len(str(info.value)) <= 2200  # a 5 MB value is named, not echoed
+
+
+def test_event_size_is_bounded_before_parsing() -> None:
+    big = envelope_text('{"image_id": "a", "image_b64": "%s"}' % ("A" * 2000))
+    with pytest.raises(EventError) as info:
+        parse_event(big, max_bytes=1000)
+    assert info.value.reason == "invalid_json" and "at most 1,000" in str(info.value)
+
+
+def test_values_the_contract_keeps() -> None:
+    metadata = {"big": 2**63 - 1, "small": -(2**63), "f": 1.5e308, "t": True, "s": "é\ttab\nline",
+                "emoji": "\U0001f426", "empty": ""}
+    event = parse_event(encode(upload_event("sku/1 é", uri="file:///a.jpg", metadata=metadata))[1])
+    assert isinstance(event, ImageUploaded) and event.metadata == metadata
+    assert isinstance(event.metadata["big"], int) and event.metadata["t"] is True
+    ext = parse_event(b'{"specversion": "1.0", "type": "image.uploaded", "source": "t", "id": "1",'
+                      b' "traceparent": "00-ab-cd-01", "data": {"image_id": "a", "uri": "file:///a"}}')
+    assert isinstance(ext, ImageUploaded)

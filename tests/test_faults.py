@@ -6,7 +6,6 @@ Real Tansu broker, real photos, the real model and the real embedded store. Figu
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -136,7 +135,7 @@ def test_a_sixty_second_store_outage_delays_but_loses_nothing(
         outage_end = time.monotonic() + 60
         samples = []
         while time.monotonic() < outage_end:
-            samples.append((worker.ready.is_set(), worker.assignment == assignment, group.alive))
+            samples.append((worker.ready, worker.assignment == assignment, group.alive))
             time.sleep(1)
         assert all(alive for _, _, alive in samples), "the worker thread died"
         assert all(same for _, same, _ in samples), "the worker lost its partitions during the outage"
@@ -144,7 +143,7 @@ def test_a_sixty_second_store_outage_delays_but_loses_nothing(
         assert metrics.RETRIES.labels("store")._value.get() > retries_before
         assert committed(settings) != ends  # nothing committed past the failing batch
         wait_committed(settings, ends, 300, alive=lambda: group.alive)
-        assert worker.ready.is_set()
+        assert worker.ready
         assert worker.revocations == 0, "the worker left its group (max.poll.interval expired)"
         assert flaky.count() == len(files)
         print(f"\noutage: {flaky.refused_calls} store calls refused, worker kept "
@@ -224,22 +223,20 @@ def test_one_poison_pill_does_not_hold_back_its_batch(
         make_settings: Any, embedder: Any, all_photos: list[ImageFile]) -> None:
     settings = make_settings(batch_size=64, batch_max_wait_ms=2000)
     components = Components.load(settings, embedder=embedder)
-    pipeline = components.pipeline()
     try:
         from shared.events import parse_event
-        from shared.pipeline import WorkItem
+        from shared.pipeline.stages import WorkItem
 
         files = all_photos[2000:2063]
         messages = [encode(upload(f))[1] for f in files]
         messages.insert(31, encode(upload_event("poison", image_bytes=b"\xff\xd8\xffgarbage"))[1])
         items = [WorkItem(i, parse_event(m)) for i, m in enumerate(messages)]
-        report = pipeline.process(items)
+        report = components.ingest(items)
         assert len(items) == 64
         assert report.count("stored") == 63 and report.count("failed") == 1
         assert report.failures[0].item.event.image_id == "poison"
         assert components.store.count() == 63
     finally:
-        pipeline.close()
         components.close()
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from shared.errors import ImageTooLargeError, UndecodableImageError
-from shared.images import decode_image
+from shared.images import DecodeNeed, decode, decode_image
 from tests.bad_inputs import png_bomb
 
 
@@ -24,6 +24,19 @@ def test_exif_orientation_is_applied() -> None:
     exif[0x0112] = 6  # rotate 90 CW on display
     decoded = decode_image(encode(image, "JPEG", exif=exif), max_pixels=10_000)
     assert decoded.size == (20, 40)
+
+
+@pytest.mark.parametrize(("orientation", "shown"), [(1, (1600, 800)), (3, (1600, 800)),
+                                                     (6, (800, 1600)), (8, (800, 1600))])
+def test_a_scaled_decode_reports_the_originals_size_as_shown(orientation: int,
+                                                             shown: tuple[int, int]) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.new("RGB", (1600, 800), (20, 90, 200)), "JPEG", exif=exif)
+    decoded = decode(data, max_pixels=10**7, need=DecodeNeed(short_side=150))
+    assert decoded.size == shown  # the original's size, turned as a viewer shows it
+    assert decoded.image.size == (shown[0] // 4, shown[1] // 4)  # 1/4: 200 >= 150 > 100
+    assert decoded.scaled
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA", "1"])

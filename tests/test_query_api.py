@@ -32,7 +32,7 @@ from query_api.server import BackgroundServer
 from shared.components import Components
 from shared.events import ImageUploaded, parse_event
 from shared.kafka import EventPublisher, ensure_topics, make_producer
-from shared.pipeline import WorkItem
+from shared.pipeline.stages import WorkItem
 from shared.store.base import CollectionSpec
 from shared.store.edge import EdgeStore
 from tests.conftest import MOBILENET, REPO, TansuBroker, free_port, wait_for_port

@@ -15,7 +15,7 @@ from imgsearch.index import file_event
 from shared.components import Components
 from shared.config import load_settings
 from shared.errors import CollectionMismatchError, ConfigError
-from shared.pipeline import WorkItem
+from shared.pipeline.stages import WorkItem
 from shared.reduction import Reduction, fit_pca, random_projection
 from shared.store.projected import ProjectedStore
 
@@ -128,12 +128,8 @@ def settings_for(tmp: Path, birds: Path, weights: Path, **vector_options: Any) -
 
 
 def index(components: Components, photos: list[ImageFile]) -> None:
-    pipeline = components.pipeline()
-    try:
-        report = pipeline.process([WorkItem(p.image_id, file_event(p, label_from_folder=True))
-                                   for p in photos])
-    finally:
-        pipeline.close()
+    report = components.ingest([WorkItem(p.image_id, file_event(p, label_from_folder=True))
+                                for p in photos])
     assert report.count("stored") == len(photos), report.summary()
     components.store.optimize()
 

@@ -208,3 +208,88 @@ def test_reingest_replaces_box_points_and_delete_removes_them(store: VectorStore
     store.delete(["scene"])
     assert points_in(store) == 3 and store.count() == 3
     assert "scene" not in [h.image_id for h in store.search(vectors[2], limit=10)]
+
+
+# Every metadata value type a producer may send, and the filter values that must find it.
+TYPED = {
+    "t-str": {"label": "sneaker", "code": "123"},
+    "t-true": {"in_stock": True, "n": 1},
+    "t-false": {"in_stock": False, "n": 0},
+    "t-int": {"n": 3, "big": 2**62},
+    "t-float": {"n": 3.0, "price": 89.5},
+    "t-neg": {"price": -0.25, "big": -(2**63)},
+}
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"label": "sneaker"}, {"t-str"}),
+        ({"code": "123"}, {"t-str"}),  # text that looks like a number stays text
+        ({"code": 123}, set()),
+        ({"in_stock": True}, {"t-true"}),
+        ({"in_stock": False}, {"t-false"}),
+        ({"n": 1}, {"t-true"}),  # a number never matches a boolean, nor the reverse
+        ({"n": True}, set()),
+        ({"n": 3}, {"t-int", "t-float"}),  # JSON does not tell 3 from 3.0
+        ({"n": 3.0}, {"t-int", "t-float"}),
+        ({"price": 89.5}, {"t-float"}),
+        ({"price": -0.25}, {"t-neg"}),
+        ({"big": 2**62}, {"t-int"}),
+        ({"big": -(2**63)}, {"t-neg"}),
+        ({"price": 89.5, "n": 3}, {"t-float"}),
+        ({"price": 89.5, "n": 4}, set()),
+    ],
+    ids=lambda v: repr(v),
+)
+def test_filters_match_every_value_type(store: VectorStore, filters: dict, expected: set) -> None:
+    rng = np.random.default_rng(7)
+    store.upsert([
+        PointRecord(image_id, unit(rng.normal(size=DIM)),
+                    {"image_id": image_id, "uri": None, "metadata": meta})
+        for image_id, meta in TYPED.items()
+    ])
+    found = {h.image_id for h in store.search(unit(rng.normal(size=DIM)), limit=10, filters=filters)}
+    assert found == expected
+    assert store.count(filters) == len(expected)
+
+
+# -- one query object, one forwarding base (shared/store/base.py) ------------------------------
+
+
+def test_a_search_query_is_what_the_keywords_build(store: VectorStore) -> None:
+    from shared.store.base import SearchQuery
+
+    recs = records(30)
+    store.upsert(recs)
+    query = SearchQuery(recs[2].vector, limit=7, offset=2, score_threshold=-1.0,
+                        filters={"label": "even"}, exclude_image_ids=["img-4"])
+    by_object = store.search(query)
+    by_keywords = store.search(recs[2].vector, limit=7, offset=2, score_threshold=-1.0,
+                               filters={"label": "even"}, exclude_image_ids=["img-4"])
+    assert [h.image_id for h in by_object] == [h.image_id for h in by_keywords]
+    assert len(by_object) == 7 and "img-4" not in [h.image_id for h in by_object]
+
+
+def test_a_forwarding_store_forwards_everything_and_can_fail_all_of_it(
+        store: VectorStore) -> None:
+    from shared.store.base import ForwardingStore
+    from tests.faults import FlakyStore
+
+    recs = records(12)
+    plain = ForwardingStore(store)
+    plain.upsert(recs)
+    assert plain.count() == 12 and plain.spec is store.spec
+    assert [i.image_id for i in plain.scroll_images(batch_size=5)] == [
+        i.image_id for i in store.scroll_images(batch_size=5)]
+    flaky = FlakyStore(store)
+    flaky.fail_for(30)
+    for call in (lambda: flaky.search(recs[0].vector), lambda: flaky.get(["img-1"]),
+                 lambda: flaky.count(), lambda: flaky.upsert(recs[:1]),
+                 lambda: flaky.delete(["img-1"]), lambda: flaky.facets("label"),
+                 lambda: list(flaky.scroll_images()), flaky.ping):
+        with pytest.raises(StoreError, match="injected outage"):
+            call()
+    assert flaky.refused_calls == 8
+    flaky.fail_for(0)
+    assert flaky.count() == 12

@@ -163,6 +163,18 @@ def count(url: str) -> int:
     return int(httpx.get(f"{url}/count", timeout=30).json()["count"])
 
 
+def cli(*args: str, cwd: Path,
+        timeout_s: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Another `imgsearch` command, as a user would type it in a second terminal."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("KAFKA_", "QDRANT_", "MODEL_", "API_"))}
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "imgsearch", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout_s, check=False)
+    return result, time.monotonic() - started
+
+
 def test_up_indexes_serves_and_restarts_without_reindexing(
         start: Any, photos: Path, tmp_path: Path) -> None:
     good = sorted(photos.rglob("*.jpg"))
@@ -194,25 +206,117 @@ def test_up_indexes_serves_and_restarts_without_reindexing(
     assert hits[0]["score"] > 0.999
     assert hits[0]["metadata"] == {"label": probe.parent.name}
 
+    # Beside it, another terminal's `dlq list` finds its broker (random port) through the
+    # data directory, and answers in seconds.
+    listed, took = cli("dlq", "list", "--data-dir", str(data), cwd=tmp_path)
+    print(f"dlq list beside up: {took:.1f}s")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "undecodable" in listed.stdout and "photos/Horned_Puffin/broken.jpg" in listed.stdout
+    assert took < 10
+    # `search` asks the running up (the embedded store serves one process)...
+    found, _ = cli("search", str(probe), "-k", "3", "--data-dir", str(data), cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    assert f"photos/{probe.relative_to(photos).as_posix()}" in found.stdout
+    # ... and `index` says in one line why it cannot open the store now.
+    refused, _ = cli("index", str(photos), "--data-dir", str(data), cwd=tmp_path)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"pid {up.process.pid}" in refused.stderr and "imgsearch publish" in refused.stderr
+
     assert up.stop(signal.SIGINT) == 0, up.output[-4000:]
     assert "stopped cleanly" in up.output
     assert process_gone(broker), f"broker pid {broker} outlived `imgsearch up`"
+    assert not (data / "imgsearch-up" / "running.json").exists()
 
-    # Second run on the same data directory: the photos are served without being indexed
-    # again; only the file that failed is tried again.
+    # Second run on the same data directory, after 4 photos were deleted: the rest are
+    # served without being indexed again, the 4 leave the index, and the file that failed
+    # is not tried again while it is unchanged.
+    removed = good[:2] + good[-2:]
+    for path in removed:
+        path.unlink()
     again = start([photos], data)
     again.wait_ready()
     second_broker = again.broker_pid
-    again.wait_for_line(rf"images:  {len(good) + 1} under .*: {len(good)} already indexed, "
-                        r"1 to index", 120)
-    again.wait_for_line(r"^indexed: 0 stored, 1 failed", INDEX_TIMEOUT_S)
+    kept = len(good) - len(removed)
+    again.wait_for_line(rf"images:  {kept + 1} under .*: {kept} already indexed, 0 to index, "
+                        r"4 removed from the folders \(to delete\), 1 skipped \(failed before",
+                        120)
+    again.wait_for_line(rf"skipped {re.escape(str(broken.resolve()))}: undecodable", 5)
+    again.wait_for_line(r"^indexed: 0 stored, 0 failed, 4 removed", INDEX_TIMEOUT_S)
     again.wait_for_line(r"^ready: ", 30)
-    assert count(again.url) == len(good)
+    assert count(again.url) == len(good) - 4
+    gone = f"photos/{removed[0].relative_to(photos).as_posix()}"
+    assert httpx.get(f"{again.url}/images/{gone}", timeout=30).status_code == 404
     hits = search(again.url, probe)
     assert hits[0]["image_id"] == f"photos/{probe.relative_to(photos).as_posix()}"
+    # A second `up` on the same data directory is refused at once, naming the first.
+    twice, took = cli("up", str(photos), "--data-dir", str(data), "--port", str(free_port()),
+                      cwd=tmp_path)
+    assert twice.returncode == 1 and "is already serving" in twice.stderr and took < 5
 
     assert again.stop(signal.SIGTERM) == 0, again.output[-4000:]
     assert process_gone(second_broker)
+
+
+def test_failed_files_are_retried_once_they_change(tmp_path: Path) -> None:
+    from imgsearch.files import ImageFile
+    from imgsearch.index import Failure
+    from imgsearch.mirror import FailedFiles
+
+    bad, slow = tmp_path / "bad.jpg", tmp_path / "slow.jpg"
+    bad.write_bytes(b"not an image")
+    slow.write_bytes(b"whatever")
+    files = [ImageFile(bad, "x/bad.jpg", "x"), ImageFile(slow, "x/slow.jpg", "x")]
+    failed = FailedFiles.for_collection(tmp_path / "data", "images")
+    failed.update([Failure(bad, "undecodable", "not a recognised image format"),
+                   Failure(slow, "fetch_timeout", "took too long")], succeeded=[])
+    failed.save()
+    again = FailedFiles.for_collection(tmp_path / "data", "images")
+    assert again.known(files[0]) is not None, "a file that cannot decode is remembered"
+    assert again.known(files[1]) is None, "a timeout may pass: tried again next time"
+    bad.write_bytes(b"now a different file")
+    assert again.known(files[0]) is None, "a changed file is tried again"
+
+
+def test_a_port_in_use_is_reported_at_once_and_nothing_is_created(
+        tmp_path: Path, photos: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        data = tmp_path / "data"
+        result, took = cli("up", str(photos), "--data-dir", str(data), "--port", str(port),
+                           cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "Traceback" not in result.stderr and "broker:" not in result.stdout
+    assert not data.exists()
+    assert took < 5, took
+
+
+def test_offline_without_weights_fails_in_seconds_saying_what_to_do(
+        tmp_path: Path, photos: Path) -> None:
+    """No --weights, no cached weights, no reachable hub (here: a closed loopback port)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("KAFKA_", "MODEL_", "HF_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
+               HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", PYTHONUNBUFFERED="1")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "imgsearch", "up", str(photos), "--data-dir",
+         str(tmp_path / "data"), "--port", str(free_port())],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    took = time.monotonic() - started
+    print(f"\noffline without weights: exit {result.returncode} after {took:.1f}s: "
+          f"{result.stderr.strip()}")
+    assert result.returncode == 1
+    assert took < 20
+    assert "no weights for 'resnet50'" in result.stderr and "--weights" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("Error:") == 1
+    match = re.search(r"local Tansu, pid (\d+)", result.stdout)
+    assert match and process_gone(int(match.group(1)))
 
 
 def test_up_stopped_mid_indexing_leaves_a_consistent_store_and_resumes(

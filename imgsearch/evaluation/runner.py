@@ -12,9 +12,13 @@ from a cache keyed by the exact input tensor, so what differs between variants i
 what the store does (projection, quantization, index), and that is what they time.
 
 Queries that are gallery images use their stored vectors (as the API's search by
-image id does) and exclude their own id; other queries (a test split, edited copies) are
-decoded and embedded like an uploaded query image. A separate sample of queries is timed
-end to end (read, decode, embed at batch 1, search) for the latency column.
+image id does) and exclude their own id; other queries (a test split, edited copies) go
+through the one query path (shared/query.py) as an uploaded query image does: scaled
+decode, the gallery's crop policy (a detector crops queries as it cropped the gallery),
+the query views (``+fullframe`` variants add the full frame), embed, merge; a query with
+several crops searches with each and keeps each image's best score. A separate sample of
+queries is timed end to end (read, decode, embed at batch 1, search) for the latency
+column.
 
 Stores are built with ``VECTOR_INDEXING_THRESHOLD_KB=1``: every segment gets its HNSW
 index and quantized copy as a large collection's would, so the recall and memory of
@@ -40,15 +44,22 @@ import torch
 
 from imgsearch.evaluation.dataset import Dataset, Item
 from imgsearch.evaluation.edits import Edit, make_copy, resolve_edits
-from imgsearch.evaluation.metrics import relevance, relevant_counts, retrieval_metrics, top1_accuracy
+from imgsearch.evaluation.metrics import (
+    relevance,
+    relevant_counts,
+    retrieval_metrics,
+    top1_accuracy,
+)
 from imgsearch.files import ImageFile
 from imgsearch.index import file_event
 from shared.components import Components
 from shared.config import Settings, load_settings
-from shared.embedding import Embedder, ModelInfo, merge_views
+from shared.embedding import Embedder, ModelInfo
 from shared.errors import ImgSearchError
-from shared.images import decode_image
-from shared.pipeline import WorkItem
+from shared.images import Decoded, DecodeNeed, decode_image
+from shared.pipeline.stages import WorkItem
+from shared.query import QueryEmbedder
+from shared.query import search as search_store
 from shared.reduction import fit_pca
 from shared.store.base import VectorStore
 
@@ -229,14 +240,29 @@ class MemoEmbedder:
         self._vectors: dict[bytes, np.ndarray] = {}
         self.computed = 0
 
-    def preprocess(self, image: Any) -> torch.Tensor:
+    @property
+    def engine(self) -> str:
+        return self.real.engine
+
+    @property
+    def decode_need(self) -> DecodeNeed:
+        return self.real.decode_need
+
+    def preprocess(self, image: Any) -> np.ndarray:
         return self.real.preprocess(image)
 
-    @staticmethod
-    def _key(tensor: torch.Tensor) -> bytes:
-        return hashlib.blake2b(tensor.contiguous().numpy().tobytes(), digest_size=20).digest()
+    def preprocess_views(self, image: Any, *, full_frame: bool) -> list[np.ndarray]:
+        return self.real.preprocess_views(image, full_frame=full_frame)
 
-    def embed(self, tensors: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
+    def close(self) -> None:
+        """The real model belongs to the caller."""
+
+    @staticmethod
+    def _key(tensor: Any) -> bytes:
+        data = np.ascontiguousarray(np.asarray(tensor, dtype=np.float32))
+        return hashlib.blake2b(data.tobytes(), digest_size=20).digest()
+
+    def embed(self, tensors: Any) -> np.ndarray:
         batch = list(tensors)
         keys = [self._key(t) for t in batch]
         missing = {k: t for k, t in zip(keys, batch, strict=True) if k not in self._vectors}
@@ -296,27 +322,17 @@ class _Ingest:
     upsert_s: float
 
 
-def _ingest(components: Components, gallery: Sequence[Item], batch_size: int) -> _Ingest:
-    pipeline = components.pipeline(skip_unchanged=False)
-    failed: list[str] = []
-    upsert_s = 0.0
+def _ingest(components: Components, gallery: Sequence[Item]) -> _Ingest:
+    # The same scheduler as the workers (batch size from the settings it was given).
     started = time.perf_counter()
-    try:
-        chunk = max(batch_size * 4, 64)  # several embed batches per call keep decoding busy
-        for start in range(0, len(gallery), chunk):
-            items = [
-                WorkItem(item.image_id, file_event(
-                    ImageFile(item.path, item.image_id, item.label or ""),
-                    label_from_folder=item.label is not None))
-                for item in gallery[start:start + chunk]
-            ]
-            report = pipeline.process(items)
-            upsert_s += report.stage_seconds["upsert"]
-            failed += [f"{r.item.key}: {r.error}" for r in report.failures]
-    finally:
-        pipeline.close()
+    report = components.ingest(
+        (WorkItem(item.image_id, file_event(ImageFile(item.path, item.image_id, item.label or ""),
+                                            label_from_folder=item.label is not None))
+         for item in gallery),
+        skip_unchanged=False)
+    failed = [f"{r.item.key}: {r.error}" for r in report.failures]
     wall = time.perf_counter() - started
-    return _Ingest(len(gallery) - len(failed), failed, wall, upsert_s)
+    return _Ingest(len(gallery) - len(failed), failed, wall, report.stage_seconds["upsert"])
 
 
 def _stored_vectors(store: VectorStore, ids: Sequence[str]) -> dict[str, np.ndarray]:
@@ -328,38 +344,20 @@ def _stored_vectors(store: VectorStore, ids: Sequence[str]) -> dict[str, np.ndar
     return vectors
 
 
-def _embed_images(embedder: Embedder | MemoEmbedder, images: Sequence[Any],
-                  batch_size: int) -> np.ndarray:
-    out = [embedder.embed([embedder.preprocess(im) for im in images[i:i + batch_size]])
-           for i in range(0, len(images), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, embedder.dim), dtype=np.float32)
-
-
-def _full_frame_queries(embedder: Embedder, images: Sequence[Any], default: np.ndarray,
-                        batch_size: int) -> np.ndarray:
-    """QUERY_FULL_FRAME_VIEW's query vectors, given the images' default-view vectors."""
-    full = [embedder.embed([embedder.full_frame_transform(im)
-                            for im in images[i:i + batch_size]])
-            for i in range(0, len(images), batch_size)]
-    if not full:
-        return default
-    both = np.stack([default, np.concatenate(full)], axis=1)  # (n, 2 views, dim)
-    return np.stack([merge_views(views) for views in both])
-
-
 def _open_image(item: Item, settings: Settings) -> Any:
+    """An original at full size, to make edited copies of (as a user edits the file)."""
     return decode_image(item.path.read_bytes(), max_pixels=settings.image_max_pixels)
 
 
-def _latency(embedder: Embedder, store: VectorStore, items: Sequence[Item], settings: Settings,
+def _latency(query: QueryEmbedder, store: VectorStore, items: Sequence[Item],
              limit: int) -> dict[str, float]:
-    """End to end, one query at a time: read, decode, preprocess, embed (batch 1), search."""
+    """End to end, one query at a time through the query path: read, decode, crop,
+    preprocess, embed (batch 1), search."""
     times = []
     for n, item in enumerate([*items[:1], *items]):  # the first is a warm-up, not timed
         started = time.perf_counter()
-        image = _open_image(item, settings)
-        vector = embedder.embed([embedder.preprocess(image)])[0]
-        store.search(vector, limit=limit, exclude_image_ids=[item.image_id])
+        vectors = query.embed_bytes(item.path.read_bytes()).vectors
+        search_store(store, vectors, limit=limit, exclude=[item.image_id])
         if n:
             times.append(time.perf_counter() - started)
     if not times:
@@ -383,13 +381,16 @@ def _measure_store(shard: Path, points: int) -> dict[str, float | None]:
     return {k: (v / points if v else None) for k, v in sizes.items()}
 
 
-def search_ids(store: VectorStore, vectors: np.ndarray, exclude: Sequence[str | None],
-                limit: int) -> tuple[list[list[str]], list[float]]:
-    """Each query's ranked image ids, and each query's search time in seconds."""
+def search_ids(store: VectorStore, queries: Sequence[Sequence[np.ndarray]] | np.ndarray,
+               exclude: Sequence[str | None], limit: int) -> tuple[list[list[str]], list[float]]:
+    """Each query's ranked image ids, and each query's search time in seconds. A query is
+    its vectors: one, or one per crop (searched each and merged, as the API does)."""
     ranked, seconds = [], []
-    for vector, skip in zip(vectors, exclude, strict=True):
+    for vectors, skip in zip(queries, exclude, strict=True):
         started = time.perf_counter()
-        hits = store.search(vector, limit=limit, exclude_image_ids=[skip] if skip else ())
+        hits = search_store(store, list(vectors) if not isinstance(vectors, np.ndarray)
+                            or vectors.ndim > 1 else vectors, limit=limit,
+                            exclude=[skip] if skip else ())
         seconds.append(time.perf_counter() - started)
         ranked.append([h.image_id for h in hits])
     return ranked, seconds
@@ -400,50 +401,52 @@ def search_ids(store: VectorStore, vectors: np.ndarray, exclude: Sequence[str | 
 
 @dataclass
 class _Queries:
-    """Everything about the queries that does not depend on the variant."""
+    """Everything about the queries that does not depend on the variant. Each query is
+    its vectors: one per crop of it (one without a detector)."""
 
     label_items: list[Item]
-    label_vectors: np.ndarray
+    label_vectors: list[list[np.ndarray]]
     label_num_relevant: np.ndarray
     label_exclude: list[str | None]
     copy_sources: list[str]
     copy_edits: list[str]
-    copy_vectors: np.ndarray
+    copy_vectors: list[list[np.ndarray]]
     timings: dict[str, float]
-    copy_vectors_full_frame: np.ndarray | None = None  # for +fullframe variants
+    copy_vectors_full_frame: list[list[np.ndarray]] | None = None  # for +fullframe variants
 
 
 def _prepare_queries(dataset: Dataset, gallery: list[Item], stored: dict[str, np.ndarray],
-                     embedder: Embedder, settings: Settings, options: EvalOptions,
+                     query: QueryEmbedder, settings: Settings, options: EvalOptions,
                      edits: list[Edit], sources: list[Item], say: Progress,
-                     full_frame: bool = False) -> _Queries:
+                     full_frame_query: QueryEmbedder | None = None) -> _Queries:
     timings: dict[str, float] = {}
     label_items: list[Item] = []
-    vectors: list[np.ndarray] = []
+    vectors: list[list[np.ndarray]] = []
     if options.labels and dataset.has_labels:
         fresh: list[Item] = []
         for item in dataset.queries(options.use_split):
             if item.image_id in stored:
                 label_items.append(item)
-                vectors.append(stored[item.image_id])
+                vectors.append([stored[item.image_id]])
             elif any(g.image_id == item.image_id for g in gallery):
                 continue  # a gallery image that failed to index cannot query either
             else:
                 fresh.append(item)
         if fresh:
             say(f"  embedding {len(fresh)} query images")
-            images, kept = [], []
+            started = time.perf_counter()
+            decoded: list[Decoded] = []
+            kept = []
             for item in fresh:
                 try:
-                    images.append(_open_image(item, settings))
+                    decoded.append(query.decode(item.path.read_bytes(), query.default_crop))
                     kept.append(item)
                 except ImgSearchError as exc:
                     say(f"  skipping query {item.image_id}: {exc}")
-            started = time.perf_counter()
-            embedded = _embed_images(embedder, images, options.batch_size)
+            embedded = query.embed_decoded(decoded, batch_size=options.batch_size)
             timings["query_embed_img_per_s"] = len(kept) / (time.perf_counter() - started)
             label_items += kept
-            vectors += list(embedded)
+            vectors += [q.vectors for q in embedded]
     gallery_labels = [g.label or "" for g in gallery if g.image_id in stored]
     label_exclude = [i.image_id if i.image_id in stored else None for i in label_items]
     num_relevant = relevant_counts([i.label or "" for i in label_items], gallery_labels,
@@ -451,13 +454,12 @@ def _prepare_queries(dataset: Dataset, gallery: list[Item], stored: dict[str, np
 
     copy_sources: list[str] = []
     copy_edits: list[str] = []
-    copy_vectors = np.zeros((0, embedder.dim), dtype=np.float32)
-    full_frame_chunks: list[np.ndarray] = []
+    copy_vectors: list[list[np.ndarray]] = []
+    full_frame_vectors: list[list[np.ndarray]] = []
     if options.copies:
         originals = [s for s in sources if s.image_id in stored]
         say(f"  embedding {len(originals) * len(edits)} edited copies of {len(originals)} "
             f"originals ({', '.join(e.name for e in edits)})")
-        chunks = []
         started = time.perf_counter()
         for start in range(0, len(originals), options.batch_size):
             block = originals[start:start + options.batch_size]
@@ -465,19 +467,20 @@ def _prepare_queries(dataset: Dataset, gallery: list[Item], stored: dict[str, np
             for edit in edits:
                 copies = [make_copy(p, edit, seed=options.seed, image_id=s.image_id)
                           for p, s in zip(pictures, block, strict=True)]
-                chunks.append(_embed_images(embedder, copies, options.batch_size))
-                if full_frame:
-                    full_frame_chunks.append(_full_frame_queries(
-                        embedder, copies, chunks[-1], options.batch_size))
+                copy_vectors += [q.vectors for q in query.embed_images(
+                    copies, batch_size=options.batch_size)]
+                if full_frame_query is not None:
+                    full_frame_vectors += [q.vectors for q in full_frame_query.embed_images(
+                        copies, batch_size=options.batch_size)]
                 copy_sources += [s.image_id for s in block]
                 copy_edits += [edit.name] * len(block)
-        if chunks:
-            copy_vectors = np.concatenate(chunks)
+        if copy_vectors:
             timings["copy_embed_img_per_s"] = (
-                len(copy_vectors) * (2 if full_frame else 1) / (time.perf_counter() - started))
-    return _Queries(label_items, np.array(vectors, dtype=np.float32).reshape(-1, embedder.dim),
-                    num_relevant, label_exclude, copy_sources, copy_edits, copy_vectors, timings,
-                    np.concatenate(full_frame_chunks) if full_frame_chunks else None)
+                len(copy_vectors) * (2 if full_frame_query is not None else 1)
+                / (time.perf_counter() - started))
+    return _Queries(label_items, vectors, num_relevant, label_exclude, copy_sources,
+                    copy_edits, copy_vectors, timings,
+                    full_frame_vectors if full_frame_query is not None else None)
 
 
 def _run_variant(n: int, variant: Variant, *, dataset: Dataset, gallery: list[Item],
@@ -504,7 +507,7 @@ def _run_variant(n: int, variant: Variant, *, dataset: Dataset, gallery: list[It
     components = Components.load(settings, embedder=cast(Embedder, memo))
     try:
         before = memo.computed
-        ingest = _ingest(components, gallery, options.batch_size)
+        ingest = _ingest(components, gallery)
         started = time.perf_counter()
         components.store.optimize()
         optimize_s = time.perf_counter() - started
@@ -609,16 +612,24 @@ def run_model(dataset: Dataset, model: ModelChoice, variants: Sequence[Variant],
     def after_reference(components: Components, stored: dict[str, np.ndarray]) -> None:
         state["stored"] = stored
         state["energy"] = _energy_kept(stored, ordered, options)
-        state["queries"] = _prepare_queries(dataset, gallery, stored, embedder, probe, options,
-                                            edits, sources, say,
-                                            full_frame=any(v.full_frame for v in ordered))
+        # The one query path, with the gallery's detector and crop policy; the memo
+        # shares the default view's vectors between the two.
+        query = QueryEmbedder(memo, components.cropper, full_frame=False,
+                              max_pixels=probe.image_max_pixels)
+        full_frame = (QueryEmbedder(memo, components.cropper, full_frame=True,
+                                    max_pixels=probe.image_max_pixels)
+                      if any(v.full_frame for v in ordered) else None)
+        state["queries"] = _prepare_queries(dataset, gallery, stored, query, probe, options,
+                                            edits, sources, say, full_frame)
         q: _Queries = state["queries"]
         sample_pool = q.label_items or [s for s in sources if s.image_id in stored] or gallery
         pick = np.random.default_rng(options.seed).choice(
             len(sample_pool), min(options.latency_sample, len(sample_pool)), replace=False)
         say(f"  timing {len(pick)} queries end to end")
-        state["latency"] = _latency(embedder, components.store, [sample_pool[i] for i in pick],
-                                    probe, max(options.ks))
+        state["latency"] = _latency(QueryEmbedder(embedder, components.cropper,
+                                                  max_pixels=probe.image_max_pixels),
+                                    components.store, [sample_pool[i] for i in pick],
+                                    max(options.ks))
 
     results: list[VariantResult] = []
     with tempfile.TemporaryDirectory(prefix="imgsearch-eval-") as tmp:
@@ -694,6 +705,7 @@ def environment(settings: Settings) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": settings.device,
+        "embed_engine": settings.embed_engine,
         "embed_amp": settings.embed_amp,
     }
 

@@ -1,124 +1,122 @@
-// The search page: plain JS, no build step. Talks to the same API that /docs describes.
-"use strict";
+// The search page: plain JS modules, no build step. Talks to the same API that /docs
+// describes (http.js). Cards are in cards.js, the words for errors in messages.js.
+import { filterText, makeCard, skeletonCards } from "./cards.js";
+import { api, authHeaders, hasKey, imagePath, initKeyDialog } from "./http.js";
+import { explain } from "./messages.js";
+import { drawQueryCrops } from "./preview.js";
 
 const $ = (id) => document.getElementById(id);
 const els = {
   dropzone: $("dropzone"), fileInput: $("file-input"), empty: $("dropzone-empty"),
   query: $("query"), queryImage: $("query-image"), queryCaption: $("query-caption"),
-  limit: $("limit"), filter: $("filter"), threshold: $("threshold"), thresholdOut: $("threshold-out"),
-  crop: $("crop"), cropOption: $("crop-option"), queryFrame: $("query-frame"),
-  timing: $("timing"), title: $("results-title"), sub: $("results-sub"), error: $("error"),
-  results: $("results"), more: $("more"), stats: $("stats"), template: $("card-template"),
+  queryFrame: $("query-frame"), optionsBox: $("options-box"), optionsSummary: $("options-summary"),
+  options: $("options"), labelFilter: $("label-filter"), labelHint: $("label-hint"),
+  filter: $("filter"), suggestions: $("filter-suggestions"), limit: $("limit"),
+  threshold: $("threshold"), thresholdOut: $("threshold-out"), crop: $("crop"),
+  cropOption: $("crop-option"), timing: $("timing"), title: $("results-title"),
+  sub: $("results-sub"), error: $("error"), emptyNotice: $("empty"), results: $("results"),
+  more: $("more"), stats: $("stats"), template: $("card-template"),
   keyDialog: $("key-dialog"), keyInput: $("key-input"), keyForm: $("key-form"), keyCancel: $("key-cancel"),
 };
+const PHONE = window.matchMedia("(max-width: 640px)");
+initKeyDialog({ dialog: els.keyDialog, input: els.keyInput, form: els.keyForm, cancel: els.keyCancel });
 
 const state = {
   query: null,        // {kind: "upload", file, name} or {kind: "similar", id}
-  offset: 0,
   nextOffset: null,
-  apiKey: sessionStorage.getItem("imgsearch-api-key") || "",
   objectUrls: [],
   seq: 0,             // ignores answers to searches that were superseded
+  stored: null,       // images in the index, from /count
+  seen: new Map(),    // filter suggestions from the metadata of shown results
 };
 
-// ---- HTTP -------------------------------------------------------------------------------
+// ---- options ----------------------------------------------------------------------------
 
-function authHeaders() {
-  return state.apiKey ? { "X-API-Key": state.apiKey } : {};
-}
-
-function askForKey() {
-  return new Promise((resolve) => {
-    els.keyInput.value = "";
-    els.keyDialog.showModal();
-    const done = (ok) => {
-      els.keyDialog.close();
-      els.keyForm.removeEventListener("submit", onSubmit);
-      els.keyCancel.removeEventListener("click", onCancel);
-      resolve(ok);
-    };
-    const onSubmit = (e) => {
-      e.preventDefault();
-      state.apiKey = els.keyInput.value.trim();
-      sessionStorage.setItem("imgsearch-api-key", state.apiKey);
-      done(true);
-    };
-    const onCancel = () => done(false);
-    els.keyForm.addEventListener("submit", onSubmit);
-    els.keyCancel.addEventListener("click", onCancel);
-  });
-}
-
-async function api(path, options = {}, retried = false) {
-  const response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
-  if (response.status === 401 && !retried) {
-    if (await askForKey()) return api(path, options, true);
+function activeFilters() {
+  const filters = [];
+  if (els.labelFilter.value) filters.push(els.labelFilter.value);
+  for (const part of els.filter.value.split(",")) {
+    const f = part.trim();
+    if (f) filters.push(f);
   }
-  const type = response.headers.get("content-type") || "";
-  const body = type.includes("application/json") ? await response.json() : null;
-  if (!response.ok) {
-    const err = (body && body.error) || { code: `http_${response.status}`, message: response.statusText };
-    throw Object.assign(new Error(err.message), { code: err.code, status: response.status });
-  }
-  return body;
+  return filters;
 }
-
-function imagePath(id) {
-  // Ids may contain "/" (the route takes the rest of the path); encode everything else.
-  return "images/" + id.split("/").map(encodeURIComponent).join("/");
-}
-
-// ---- search -----------------------------------------------------------------------------
 
 function searchParams(offset) {
   const params = new URLSearchParams({ limit: els.limit.value, offset: String(offset) });
-  for (const part of els.filter.value.split(",")) {
-    const f = part.trim();
-    if (f) params.append("filter", f);
-  }
+  for (const f of activeFilters()) params.append("filter", f);
   const threshold = Number(els.threshold.value);
   if (threshold > 0) params.set("score_threshold", String(threshold));
   if (state.query && state.query.kind === "upload" && els.crop.value) params.set("crop", els.crop.value);
   return params;
 }
 
-// Outline the detected objects the query was searched with, over the (square, cover-fit)
-// preview. Boxes are in the original's pixels, which the browser shows EXIF-rotated too.
-function drawQueryCrops(crops) {
-  for (const old of els.queryFrame.querySelectorAll(".crop-box")) old.remove();
-  const img = els.queryImage;
-  const boxes = (crops || []).filter((c) => c.cropped);
-  if (!boxes.length) return;
-  const place = () => {
-    const w = img.naturalWidth, h = img.naturalHeight, side = img.clientWidth;
-    if (!w || !h || !side) return;
-    const scale = Math.max(side / w, side / h);
-    const dx = (side - w * scale) / 2, dy = (side - h * scale) / 2;
-    for (const c of boxes) {
-      const [x0, y0, x1, y1] = c.box;
-      const div = document.createElement("div");
-      div.className = "crop-box";
-      Object.assign(div.style, {
-        left: `${dx + x0 * scale}px`, top: `${dy + y0 * scale}px`,
-        width: `${(x1 - x0) * scale}px`, height: `${(y1 - y0) * scale}px`,
-      });
-      const label = document.createElement("span");
-      label.textContent = `${c.class} ${Math.round(c.confidence * 100)}%`;
-      div.appendChild(label);
-      els.queryFrame.appendChild(div);
+function updateOptionsSummary() {
+  const parts = activeFilters();
+  if (Number(els.threshold.value) > 0) parts.push(`score ≥ ${Number(els.threshold.value).toFixed(2)}`);
+  els.optionsSummary.textContent = parts.length ? ` · ${parts.join(", ")}` : "";
+}
+
+async function loadLabels() {
+  try {
+    const facets = await api("facets?key=label&limit=200");
+    const keep = els.labelFilter.value;
+    const options = [new Option("Any label", "")];
+    for (const v of facets.values) {
+      options.push(new Option(`${v.value} (${v.count.toLocaleString()})`, v.filter));
     }
-  };
-  if (img.complete && img.naturalWidth) place(); else img.addEventListener("load", place, { once: true });
+    els.labelFilter.replaceChildren(...options);
+    els.labelFilter.value = keep;
+    els.labelHint.textContent = facets.values.length ? `${facets.values.length} stored` : "none stored";
+    refreshSuggestions();
+  } catch (err) {
+    els.labelHint.textContent = "unavailable";
+  }
+}
+
+// Suggestions for "More filters": key=value pairs from the metadata of the results shown,
+// written the way the API reads them back exactly.
+function rememberMetadata(hits) {
+  for (const hit of hits) {
+    for (const [key, value] of Object.entries(hit.metadata || {})) {
+      if (key === "label") continue;
+      const text = filterText(key, value);
+      if (text.length <= 80) state.seen.set(text, (state.seen.get(text) || 0) + 1);
+    }
+  }
+  refreshSuggestions();
+}
+
+function refreshSuggestions() {
+  const top = [...state.seen.entries()].sort((a, b) => b[1] - a[1]).slice(0, 50).map(([t]) => t);
+  els.suggestions.replaceChildren(...top.map((t) => new Option(t)));
+}
+
+// ---- search -----------------------------------------------------------------------------
+
+function setBusy(busy) {
+  els.results.setAttribute("aria-busy", busy ? "true" : "false");
+  els.results.classList.toggle("loading", busy);
 }
 
 async function runSearch(append = false) {
   if (!state.query) return;
   const seq = ++state.seq;
   const offset = append ? state.nextOffset : 0;
-  setError(null);
-  els.results.classList.add("loading");
+  showError(null);
+  showEmpty(false);
+  updateOptionsSummary();
+  setBusy(true);
   els.results.dataset.state = "loading";
-  if (!append) showSkeleton();
+  if (!append) {
+    els.more.hidden = true;
+    els.timing.textContent = "Searching…";
+    els.results.replaceChildren(...skeletonCards(els.template, Math.min(Number(els.limit.value), 12)));
+    // A new search starts at the top of its results, wherever the last one was scrolled.
+    if (window.scrollY > 0) window.scrollTo({ top: 0 });
+  } else {
+    els.more.disabled = true;
+  }
   try {
     let result;
     const params = searchParams(offset);
@@ -133,30 +131,42 @@ async function runSearch(append = false) {
     render(result, append);
   } catch (err) {
     if (seq !== state.seq) return;
-    if (!append) els.results.replaceChildren();
-    setError(err);
-    els.results.dataset.state = "error";
+    failed(err, append);
   } finally {
-    if (seq === state.seq) els.results.classList.remove("loading");
+    if (seq === state.seq) {
+      setBusy(false);
+      els.more.disabled = false;
+    }
   }
 }
 
-function showSkeleton() {
-  const n = Math.min(Number(els.limit.value), 12);
-  const cards = [];
-  for (let i = 0; i < n; i++) {
-    const li = els.template.content.firstElementChild.cloneNode(true);
-    li.classList.add("skeleton");
-    li.querySelector("img").remove();
-    cards.push(li);
+function failed(err, append) {
+  const why = explain(err);
+  const name = state.query && state.query.kind === "upload" ? state.query.name : "this photo";
+  if (!append) els.results.replaceChildren();
+  els.results.dataset.state = "error";
+  els.timing.textContent = "";
+  els.more.hidden = true;
+  state.nextOffset = null;
+  if (why.kind === "file") {
+    // The photo itself is the problem: nothing may send it again (options, Load more).
+    state.query = null;
+    els.title.textContent = `Can’t search with ${name}`;
+    els.sub.textContent = "";
   }
-  els.results.replaceChildren(...cards);
+  const actions = [];
+  if (why.kind === "file") actions.push(["Choose another photo", () => els.fileInput.click()]);
+  if (why.kind === "retry" && state.query) actions.push(["Try again", () => runSearch(append)]);
+  if (why.kind === "filter") actions.push(["Clear the filters", clearFilters]);
+  showError(why, actions);
 }
 
-function scoreColor(score) {
-  if (score >= 0.8) return "var(--good)";
-  if (score >= 0.6) return "var(--accent)";
-  return "var(--warn)";
+function clearFilters() {
+  els.labelFilter.value = "";
+  els.filter.value = "";
+  els.threshold.value = "0";
+  els.thresholdOut.textContent = "off";
+  runSearch();
 }
 
 function render(result, append) {
@@ -166,49 +176,39 @@ function render(result, append) {
     els.results.replaceChildren();
   }
   const start = result.offset;
-  result.hits.forEach((hit, i) => els.results.appendChild(card(hit, start + i + 1)));
+  const cards = result.hits.map((hit, i) => makeCard(els.template, hit, start + i + 1,
+    { onOpen: searchSimilar, loadThumbnail }));
+  els.results.append(...cards);
+  rememberMetadata(result.hits);
   state.nextOffset = result.next_offset;
   els.more.hidden = result.next_offset === null;
-  els.results.dataset.state = "done";
-  if (!append) drawQueryCrops(result.query_crops);
-  const t = result.timing;
-  const parts = [`${result.hits.length} result${result.hits.length === 1 ? "" : "s"} in ${t.total_ms.toFixed(1)} ms`];
-  if (t.detect_ms !== null && t.detect_ms !== undefined) parts.push(`detect ${t.detect_ms.toFixed(1)} ms (${result.crop})`);
-  if (t.embed_ms !== null) parts.push(`decode ${t.decode_ms.toFixed(1)} ms · embed ${t.embed_ms.toFixed(1)} ms (batch of ${t.batch_size})`);
-  if (t.lookup_ms !== null) parts.push(`stored vector, no re-embedding`);
-  parts.push(`search ${t.search_ms.toFixed(1)} ms`);
-  els.timing.textContent = parts.join(" · ");
+  if (!append) drawQueryCrops(els.queryFrame, els.queryImage, result.query_crops);
+  const shown = els.results.children.length;
   if (!append && result.hits.length === 0) {
-    setError({ message: "No stored image matches these options. Loosen the filter or the minimum score." });
+    els.results.dataset.state = "empty";
+    els.timing.textContent = "No results";
+    showEmpty(true);
+    return;
   }
+  els.results.dataset.state = "done";
+  els.timing.textContent = timingText(result, shown);
 }
 
-function card(hit, rank) {
-  const li = els.template.content.firstElementChild.cloneNode(true);
-  li.dataset.imageId = hit.image_id;
-  li.dataset.score = String(hit.score);
-  li.querySelector(".rank").textContent = `#${rank}`;
-  li.querySelector(".id").textContent = hit.image_id;
-  li.querySelector(".id").title = hit.image_id;
-  const meta = hit.metadata || {};
-  li.querySelector(".label").textContent = meta.label !== undefined ? String(meta.label).replaceAll("_", " ") : "";
-  const value = li.querySelector(".value");
-  value.textContent = hit.score.toFixed(3);
-  const bar = li.querySelector(".bar");
-  bar.style.setProperty("--w", `${Math.max(0, Math.min(1, hit.score)) * 100}%`);
-  bar.style.setProperty("--c", scoreColor(hit.score));
-  const img = li.querySelector("img");
-  img.alt = hit.image_id;
-  loadThumbnail(img, hit.image_id);
-  li.querySelector("button").addEventListener("click", () => searchSimilar(hit.image_id));
-  return li;
+function timingText(result, shown) {
+  const t = result.timing;
+  const parts = [`${shown} result${shown === 1 ? "" : "s"} in ${t.total_ms.toFixed(0)} ms`];
+  if (t.detect_ms !== null && t.detect_ms !== undefined) parts.push(`detect ${t.detect_ms.toFixed(1)} ms (${result.crop})`);
+  if (t.embed_ms !== null && t.embed_ms !== undefined) parts.push(`embed ${t.embed_ms.toFixed(1)} ms`);
+  if (t.lookup_ms !== null && t.lookup_ms !== undefined) parts.push("stored vector");
+  parts.push(`search ${t.search_ms.toFixed(1)} ms`);
+  return parts.join(" · ");
 }
 
-function loadThumbnail(img, id) {
-  const url = `${imagePath(id)}/thumbnail?size=256`;
+function loadThumbnail(img, id, size = 256) {
+  const url = `${imagePath(id)}/thumbnail?size=${size}`;
   const fail = () => img.parentElement.classList.add("placeholder");
   img.addEventListener("error", fail, { once: true });
-  if (!state.apiKey) {
+  if (!hasKey()) {
     img.src = url;
     return;
   }
@@ -223,63 +223,132 @@ function loadThumbnail(img, id) {
     .catch(fail);
 }
 
+// ---- notices ------------------------------------------------------------------------------
+
+function notice(el, { title, text, code }, actions = []) {
+  const strong = document.createElement("strong");
+  strong.textContent = title;
+  const p = document.createElement("p");
+  p.textContent = text;
+  const children = [strong, p];
+  if (actions.length) {
+    const row = document.createElement("div");
+    row.className = "notice-actions";
+    for (const [label, onClick] of actions) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = label;
+      button.addEventListener("click", onClick);
+      row.append(button);
+    }
+    children.push(row);
+  }
+  if (code) {
+    const small = document.createElement("small");
+    small.className = "code";
+    small.textContent = `error code: ${code}`;
+    children.push(small);
+  }
+  el.replaceChildren(...children);
+  el.hidden = false;
+}
+
+function showError(why, actions = []) {
+  if (!why) {
+    els.error.hidden = true;
+    els.error.replaceChildren();
+    delete els.error.dataset.code;
+    return;
+  }
+  els.error.dataset.code = why.code || "";
+  notice(els.error, why, actions);
+}
+
+function showEmpty(on) {
+  if (!on) {
+    els.emptyNotice.hidden = true;
+    return;
+  }
+  const filters = activeFilters();
+  const threshold = Number(els.threshold.value);
+  let text;
+  const actions = [];
+  if (state.stored === 0) {
+    text = "The index is empty. Add photos with imgsearch up PATH (or upload through the API), then search again.";
+  } else if (filters.length || threshold > 0) {
+    const what = [filters.length ? `the filter ${filters.join(", ")}` : null,
+      threshold > 0 ? `a minimum score of ${threshold.toFixed(2)}` : null].filter(Boolean).join(" and ");
+    text = `Nothing stored matches ${what}.`;
+    actions.push(["Clear the filters", clearFilters]);
+  } else {
+    text = "Nothing else is stored yet. Add more photos, then search again.";
+  }
+  notice(els.emptyNotice, { title: "No matching images", text }, actions);
+}
+
+// ---- the query ------------------------------------------------------------------------------
+
 function setQueryImage(src, caption) {
+  document.body.classList.add("has-query");
   els.empty.hidden = true;
   els.query.hidden = false;
   els.dropzone.classList.add("has-query");
-  drawQueryCrops([]);
-  els.queryImage.src = src;
-  els.queryCaption.innerHTML = "";
+  els.queryFrame.classList.remove("unreadable");
+  drawQueryCrops(els.queryFrame, els.queryImage, []);
+  // A file the browser cannot show gets a "No preview" tile, never a broken-image icon.
+  els.queryFrame.classList.remove("placeholder");
+  if (src) {
+    els.queryImage.addEventListener("error", () => els.queryFrame.classList.add("unreadable"), { once: true });
+    els.queryImage.src = src;
+  } else {
+    els.queryImage.removeAttribute("src");
+  }
   const b = document.createElement("b");
   b.textContent = caption.title;
   const change = document.createElement("span");
   change.className = "change";
-  change.textContent = "Drop or click to search another image";
-  els.queryCaption.append(b, document.createTextNode(caption.note ? ` · ${caption.note}` : ""), change);
+  change.textContent = "Drop or tap to search another";
+  els.queryCaption.replaceChildren(b, document.createTextNode(caption.note ? ` · ${caption.note}` : ""), change);
 }
 
 function searchFile(file) {
   if (!file) return;
   if (file.type && !file.type.startsWith("image/")) {
-    setError({ message: `${file.name} is not an image (${file.type}).` });
+    state.query = null;
+    els.results.replaceChildren();
+    els.results.dataset.state = "error";
+    els.more.hidden = true;
+    els.timing.textContent = "";
+    showEmpty(false);
+    showError({ code: "not_an_image", title: `${file.name} isn’t an image`,
+      text: "Choose a JPEG, PNG, WebP, GIF, BMP or TIFF photo." },
+    [["Choose another photo", () => els.fileInput.click()]]);
     return;
   }
   const url = URL.createObjectURL(file);
   state.query = { kind: "upload", file, name: file.name || "pasted image" };
-  setQueryImage(url, { title: state.query.name, note: `${Math.round(file.size / 1024)} KB` });
+  const size = file.size < 1024 ? "under 1 KB" : `${Math.round(file.size / 1024).toLocaleString()} KB`;
+  setQueryImage(url, { title: state.query.name, note: size });
   els.title.textContent = `Results for ${state.query.name}`;
-  els.sub.textContent = "Most similar first. Click a result to search by it.";
+  els.sub.textContent = "Most similar first. Select a result to search by it.";
   runSearch();
 }
 
 function searchSimilar(id) {
   state.query = { kind: "similar", id };
-  setQueryImage(`${imagePath(id)}/thumbnail?size=512`, { title: id, note: "stored image" });
-  if (state.apiKey) loadThumbnail(els.queryImage, id);
+  setQueryImage(hasKey() ? null : `${imagePath(id)}/thumbnail?size=512`, { title: id, note: "stored image" });
+  if (hasKey()) loadThumbnail(els.queryImage, id, 512);
   els.title.textContent = `Similar to ${id}`;
   els.sub.textContent = "Searched with the stored vector of this image, which is left out of the results.";
-  window.scrollTo({ top: 0, behavior: "smooth" });
   runSearch();
-}
-
-function setError(err) {
-  if (!err) {
-    els.error.hidden = true;
-    els.error.textContent = "";
-    return;
-  }
-  els.error.hidden = false;
-  els.error.textContent = err.message || String(err);
-  if (err.code) {
-    const code = document.createElement("code");
-    code.textContent = err.code;
-    els.error.prepend(code, document.createTextNode(" "));
-  }
 }
 
 // ---- page wiring ------------------------------------------------------------------------
 
-els.fileInput.addEventListener("change", () => searchFile(els.fileInput.files[0]));
+els.fileInput.addEventListener("change", () => {
+  searchFile(els.fileInput.files[0]);
+  els.fileInput.value = "";  // choosing the same file again is a new search
+});
 els.dropzone.addEventListener("keydown", (e) => {
   if (e.key === "Enter" || e.key === " ") { e.preventDefault(); els.fileInput.click(); }
 });
@@ -296,27 +365,37 @@ document.addEventListener("paste", (e) => {
 });
 els.more.addEventListener("click", () => runSearch(true));
 els.limit.addEventListener("change", () => runSearch());
-els.filter.addEventListener("change", () => runSearch());
-els.options = $("options");
+els.labelFilter.addEventListener("change", () => runSearch());
+// Typed filters apply on Enter or "Apply" only. Searching on "change" (which fires when
+// the field loses focus) re-ran the search under the pointer and swallowed the click on
+// a result.
 els.options.addEventListener("submit", (e) => { e.preventDefault(); runSearch(); });
+els.filter.addEventListener("input", updateOptionsSummary);
 els.threshold.addEventListener("input", () => {
   const v = Number(els.threshold.value);
   els.thresholdOut.textContent = v > 0 ? v.toFixed(2) : "off";
+  updateOptionsSummary();
 });
 els.threshold.addEventListener("change", () => runSearch());
 els.crop.addEventListener("change", () => runSearch());
+// On a phone the options fold away until asked for, so results fit on the first screen.
+if (PHONE.matches) els.optionsBox.open = false;
 
 async function loadStats() {
   try {
     const [count, ready] = await Promise.all([api("count"), fetch("readyz").then((r) => r.json())]);
+    state.stored = count.count;
     const n = document.createElement("b");
     n.textContent = count.count.toLocaleString();
-    const model = ready.model ? `  ·  ${ready.model} · ${ready.dim}-d · ${ready.device}` : "";
+    const model = document.createElement("span");
+    model.className = "model";
+    model.textContent = ready.model ? ` · ${ready.model} · ${ready.dim}-d · ${ready.device}` : "";
     // The crop choice only means something with a detector (queries default to its mode).
     els.cropOption.hidden = !ready.crop || ready.crop === "none";
-    els.stats.replaceChildren(n, document.createTextNode(` images${model}`));
+    els.stats.replaceChildren(n, document.createTextNode(" images"), model);
   } catch (err) {
-    els.stats.textContent = `service not ready: ${err.message}`;
+    els.stats.textContent = { network: "service unreachable", unauthorized: "API key needed" }[err.code]
+      || "service starting…";
   }
 }
-loadStats();
+loadStats().then(loadLabels);

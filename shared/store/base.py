@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import abc
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Self
 
 import numpy as np
 
@@ -42,10 +42,47 @@ def point_id(image_id: str, crop_index: int = 0) -> str:
     return str(uuid.uuid5(CROP_NAMESPACE, f"{crop_index}:{image_id}"))
 
 
+# --- Facets (GET /facets, the page's filter choices) ---
+# Metadata keys every collection keeps a keyword index on, so their values can be counted
+# (Qdrant facets need one) and filtered on cheaply. Only `label`: it is what `imgsearch up`,
+# `index` and `publish --label-from-folder` write, and every index costs on each write.
+FACET_KEYS: tuple[str, ...] = ("label",)
+FACET_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class FacetCount:
+    value: FilterValue
+    count: int
+
+
+class FacetUnavailableError(ConfigError):
+    """A facet asked for on a metadata key the collection has no suitable index for."""
+
+    reason = "facet_unavailable"
+
+
 # --- Vectors: reduction and quantization ---
 # Binary codes need a wider candidate list to rescore: on the birds set, recall of the exact
 # float32 top 10 went 0.68 (x1), 0.96 (x4), 0.99 (x8). int8 needs none (0.985 at x1).
 DEFAULT_OVERSAMPLING: dict[str, float] = {"binary": 4.0}
+
+
+# --- Collection layout (QDRANT_SHARDS ... QDRANT_HNSW_EF_CONSTRUCT, docs/scaling.md) ---
+@dataclass(frozen=True)
+class CollectionLayout:
+    """How a collection is spread and stored: not part of what its vectors mean, so a
+    collection opened with another layout holds the same answers. None everywhere means
+    "the engine's default" and is never checked against an existing collection."""
+
+    shards: int | None = None
+    replication_factor: int | None = None
+    write_consistency: int | None = None  # replicas that must confirm each write
+    write_ordering: str = "weak"  # weak | medium | strong, sent with every write
+    on_disk_vectors: bool | None = None
+    on_disk_payload: bool | None = None
+    hnsw_m: int | None = None
+    hnsw_ef_construct: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,10 +102,18 @@ class CollectionSpec:
     rescore: bool = True
     oversampling: float | None = None
     indexing_threshold_kb: int | None = None
+    layout: CollectionLayout = field(default_factory=CollectionLayout)
+    # --- Re-index (shared/reindex/, docs/migration.md) ---
+    # The settings that load this collection's model and vectors (shared/reindex/spec.py),
+    # kept with it so that another process can serve it or migrate away from it. Not part
+    # of the identity.
+    load: Mapping[str, Any] | None = None
 
     def metadata(self) -> dict[str, Any]:
         # The collection's own dim and distance win over the model's (they differ after a reduction).
         info: dict[str, Any] = {**self.model, "dim": self.dim, "distance": self.distance}
+        if self.load:
+            info["load"] = dict(self.load)
         if self.reduction is not None:
             if "matrix_b64" not in self.reduction:
                 raise ConfigError(
@@ -148,6 +193,28 @@ class StoredImage:
     vector: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class SearchQuery:
+    """One search, as every store and decorator receives it: the vector, the page, the
+    score threshold, the metadata filters and the images to leave out. Results are
+    grouped by image (each image once, at its best point)."""
+
+    vector: np.ndarray
+    limit: int = 10
+    offset: int = 0
+    score_threshold: float | None = None
+    filters: Filters | None = None
+    exclude_image_ids: Sequence[str] = ()
+    with_payload: bool = True
+
+    @classmethod
+    def of(cls, query: SearchQuery | np.ndarray, **options: Any) -> SearchQuery:
+        """``query`` itself (with ``options`` replaced), or a query for a bare vector."""
+        if isinstance(query, SearchQuery):
+            return replace(query, **options) if options else query
+        return cls(np.asarray(query), **options)
+
+
 class VectorStore(abc.ABC):
     """One collection of image vectors. Every method raises StoreError on failure;
     ``upsert`` and ``delete`` return only once the write is durable.
@@ -156,6 +223,10 @@ class VectorStore(abc.ABC):
     object. Every method speaks of images: ``upsert`` replaces an image's box points with
     those in the batch, ``delete`` removes them all, ``search`` returns each image once
     (at its best-matching point), ``count`` counts images.
+
+    Implementations: the backends (shared/store/points.py's CollectionStore, under
+    edge.py and qdrant.py) and decorators (ForwardingStore below: projection, the tests'
+    fault injection, the API's pinned serving store).
     """
 
     spec: CollectionSpec
@@ -169,17 +240,9 @@ class VectorStore(abc.ABC):
     def delete(self, image_ids: Sequence[str]) -> None: ...
 
     @abc.abstractmethod
-    def search(
-        self,
-        vector: np.ndarray,
-        *,
-        limit: int = 10,
-        offset: int = 0,
-        score_threshold: float | None = None,
-        filters: Filters | None = None,
-        exclude_image_ids: Sequence[str] = (),
-        with_payload: bool = True,
-    ) -> list[Hit]: ...
+    def search(self, query: SearchQuery | np.ndarray, /, **options: Any) -> list[Hit]:
+        """Search with a SearchQuery; ``search(vector, limit=5)`` is shorthand for
+        ``search(SearchQuery(vector, limit=5))``."""
 
     @abc.abstractmethod
     def get(self, image_ids: Sequence[str], *, with_vector: bool = False) -> dict[str, StoredImage]:
@@ -195,14 +258,101 @@ class VectorStore(abc.ABC):
     def optimize(self) -> None:
         """Build search indexes now, where the backend needs to be told (the embedded one)."""
 
+    # --- Facets and listing: the page's filter choices, `imgsearch up`'s folder mirror ---
+    # Payload-only reads: they never touch a vector.
+
+    @abc.abstractmethod
+    def facets(self, key: str, *, limit: int = FACET_LIMIT) -> list[FacetCount]:
+        """The stored values of metadata ``key`` with how many images have each, most
+        frequent first, at most ``limit``. Box points are not counted. Raises
+        FacetUnavailableError for a key the collection has no facet index for."""
+
+    @abc.abstractmethod
+    def scroll_page(self, fields: Sequence[str] = ("image_id", "uri"), *, offset: Any = None,
+                    limit: int = 1000) -> tuple[list[StoredImage], Any]:
+        """One page of images (their own points, not box points) with only ``fields`` of
+        their payload, no vectors, from ``offset`` (None: the start); and the offset of the
+        next page (None after the last). Offsets are point ids, JSON-serialisable, so a
+        long scan (a re-index) can resume where it stopped."""
+
+    def scroll_images(self, fields: Sequence[str] = ("image_id", "uri"), *,
+                      batch_size: int = 1000) -> Iterator[StoredImage]:
+        """Every image, page after page (see ``scroll_page``)."""
+        offset: Any = None
+        while True:
+            images, offset = self.scroll_page(fields, offset=offset, limit=batch_size)
+            yield from images
+            if offset is None or not images:
+                return
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> VectorStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ForwardingStore(VectorStore):
+    """A decorator: every call goes to ``inner``. Subclasses override the calls they
+    change (ProjectedStore: vectors in and out) or ``_forward`` to act before any call
+    (the tests' FlakyStore), and may make ``inner`` a property (the API's store pinned to
+    the collection a request is served from)."""
+
+    def __init__(self, inner: VectorStore) -> None:
+        self.inner = inner
+
+    def _forward(self, what: str) -> VectorStore:
+        """The store that serves this call (``what`` names it, for subclasses)."""
+        return self.inner
+
+    @property  # type: ignore[override]
+    def spec(self) -> CollectionSpec:
+        return self.inner.spec
+
+    @property  # type: ignore[override]
+    def stored_metadata(self) -> Mapping[str, Any] | None:
+        return self.inner.stored_metadata
+
+    def upsert(self, records: Sequence[PointRecord]) -> None:
+        self._forward("upsert").upsert(records)
+
+    def delete(self, image_ids: Sequence[str]) -> None:
+        self._forward("delete").delete(image_ids)
+
+    def search(self, query: SearchQuery | np.ndarray, /, **options: Any) -> list[Hit]:
+        return self._forward("search").search(SearchQuery.of(query, **options))
+
+    def get(self, image_ids: Sequence[str], *, with_vector: bool = False) -> dict[str, StoredImage]:
+        return self._forward("get").get(image_ids, with_vector=with_vector)
+
+    def count(self, filters: Filters | None = None) -> int:
+        return self._forward("count").count(filters)
+
+    def ping(self) -> None:
+        self._forward("ping").ping()
+
+    def optimize(self) -> None:
+        self._forward("optimize").optimize()
+
+    def facets(self, key: str, *, limit: int = FACET_LIMIT) -> list[FacetCount]:
+        return self._forward("facets").facets(key, limit=limit)
+
+    def scroll_page(self, fields: Sequence[str] = ("image_id", "uri"), *, offset: Any = None,
+                    limit: int = 1000) -> tuple[list[StoredImage], Any]:
+        return self._forward("scroll").scroll_page(fields, offset=offset, limit=limit)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def innermost(store: VectorStore) -> VectorStore:
+    """The backend under any decorators."""
+    while isinstance(store, ForwardingStore):
+        store = store.inner
+    return store
 
 
 def group_hits(fetch: Callable[[int], list[Hit]], *, limit: int, offset: int) -> list[Hit]:
@@ -228,6 +378,21 @@ def best_per_image(hits: Sequence[Hit]) -> list[Hit]:
     for hit in sorted(hits, key=lambda h: h.score, reverse=True):
         best.setdefault(hit.image_id, hit)
     return list(best.values())
+
+
+# Integers up to 2**53 are exact as doubles, which Qdrant compares ranges in.
+_EXACT_AS_FLOAT = 2**53
+
+
+def numeric_match(value: FilterValue) -> float | None:
+    """The number a filter value must equal, matched as a range ``[v, v]`` so that ``3``
+    finds both 3 and 3.0 (JSON does not tell them apart); None for text, booleans and
+    integers too large to compare as doubles (those match exactly)."""
+    if isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, int) and abs(value) > _EXACT_AS_FLOAT:
+        return None
+    return float(value)
 
 
 def payload_key(filter_key: str) -> str:

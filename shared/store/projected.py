@@ -13,20 +13,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 from shared.errors import ConfigError
 from shared.reduction import Reduction
-from shared.store.base import Filters, Hit, PointRecord, StoredImage, VectorStore
+from shared.store.base import (
+    ForwardingStore,
+    Hit,
+    PointRecord,
+    SearchQuery,
+    StoredImage,
+    VectorStore,
+)
 
 
-class ProjectedStore(VectorStore):
+class ProjectedStore(ForwardingStore):
     def __init__(self, inner: VectorStore, reduction: Reduction) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.reduction = reduction
-        self.spec = inner.spec
-        self.stored_metadata = inner.stored_metadata
 
     @classmethod
     def around(cls, inner: VectorStore) -> VectorStore:
@@ -51,29 +57,9 @@ class ProjectedStore(VectorStore):
             [replace(r, vector=v) for r, v in zip(records, reduced, strict=True)]
         )
 
-    def delete(self, image_ids: Sequence[str]) -> None:
-        self.inner.delete(image_ids)
-
-    def search(
-        self,
-        vector: np.ndarray,
-        *,
-        limit: int = 10,
-        offset: int = 0,
-        score_threshold: float | None = None,
-        filters: Filters | None = None,
-        exclude_image_ids: Sequence[str] = (),
-        with_payload: bool = True,
-    ) -> list[Hit]:
-        return self.inner.search(
-            self.reduction.apply(vector),
-            limit=limit,
-            offset=offset,
-            score_threshold=score_threshold,
-            filters=filters,
-            exclude_image_ids=exclude_image_ids,
-            with_payload=with_payload,
-        )
+    def search(self, query: SearchQuery | np.ndarray, /, **options: Any) -> list[Hit]:
+        q = SearchQuery.of(query, **options)
+        return self.inner.search(replace(q, vector=self.reduction.apply(q.vector)))
 
     def get(self, image_ids: Sequence[str], *, with_vector: bool = False) -> dict[str, StoredImage]:
         found = self.inner.get(image_ids, with_vector=with_vector)
@@ -87,15 +73,3 @@ class ProjectedStore(VectorStore):
             )
             for key, item in found.items()
         }
-
-    def count(self, filters: Filters | None = None) -> int:
-        return self.inner.count(filters)
-
-    def ping(self) -> None:
-        self.inner.ping()
-
-    def optimize(self) -> None:
-        self.inner.optimize()
-
-    def close(self) -> None:
-        self.inner.close()

@@ -1,10 +1,10 @@
-"""The one ingest pipeline: fetch, decode, (detect,) embed, upsert.
+"""The ingest pipeline's stages: fetch, decode, (detect,) embed, upsert.
 
-The Kafka worker and the batch tools (``imgsearch index``, ``imgsearch eval``) hand it
-batches of events; it returns what happened to each one. Per-event failures (a bad URI,
-an undecodable image) are reported, never raised, so one poison pill does not fail the
-other events of its batch. A store failure is raised for the whole batch, because
-nothing of it may be committed as done.
+This module is what each stage *does*; shared/pipeline/scheduler.py decides when, on
+which thread and in which batch, for every entrance alike (the Kafka worker, ``imgsearch
+index`` and ``up``, ``imgsearch eval``, the benchmarks). A stage raises ImgSearchError for
+a bad event; an unexpected exception met while handling one event is wrapped as
+``InternalError`` naming the stage, so the scheduler can dead-letter that event alone.
 
 With a detector (DETECTOR=yolov5), the decoded image waits for the embed stage, which
 finds the objects of a whole batch in one forward pass on the model's device, cuts the
@@ -15,8 +15,9 @@ plus one box point per object (shared/store/base.py).
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
-import random
 import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,18 +25,23 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-import torch
+import numpy as np
 from PIL import Image
 
-from shared.detection import Crop, Cropper, shrink_for_detection, whole_box
-from shared.embedding import Embedder
-from shared.errors import ImgSearchError
-from shared.events import Event, ImageDeleted, ImageUploaded
+from shared.detection.boxes import Crop, whole_box
+from shared.detection.cropper import DETECT_DECODE_NEED, Cropper, shrink_for_detection
+from shared.errors import ImgSearchError, InternalError
+from shared.events import Event, ImageUploaded
 from shared.fetch import ImageFetcher
-from shared.images import decode_image, sha256_hex
+from shared.images import decode, sha256_hex
+from shared.models.base import EmbeddingModel
+from shared.pipeline.retry import Backoff, retrying
 from shared.store.base import PARENT_FIELD, PointRecord, StoredImage, VectorStore
 
 log = logging.getLogger(__name__)
+
+# A fetch is retried FETCH_RETRIES times (timeouts, 5xx), quickly: the event waits for it.
+FETCH_BACKOFF = Backoff(base_s=0.25, max_s=8.0)
 
 Outcome = Literal["stored", "deleted", "unchanged", "failed"]
 # "detect" covers finding the objects and cutting and preprocessing their crops.
@@ -56,37 +62,14 @@ class ItemResult:
 
 
 @dataclass
-class BatchReport:
-    results: list[ItemResult]
-    # Busy seconds per stage; fetch and decode are summed over the worker threads.
-    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
-    wall_seconds: float = 0.0
-
-    def count(self, outcome: Outcome) -> int:
-        return sum(1 for r in self.results if r.outcome == outcome)
-
-    @property
-    def failures(self) -> list[ItemResult]:
-        return [r for r in self.results if r.outcome == "failed"]
-
-    def summary(self) -> str:
-        stages = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in self.stage_seconds.items())
-        return (
-            f"n={len(self.results)} stored={self.count('stored')} deleted={self.count('deleted')} "
-            f"unchanged={self.count('unchanged')} failed={self.count('failed')} "
-            f"wall={self.wall_seconds * 1000:.0f}ms {stages}"
-        )
-
-
-@dataclass
 class Prepared:
     """An upload after fetch and decode: ready for the model, unless already stored."""
 
     sha256: str
     fetch_s: float
     decode_s: float
-    size: tuple[int, int] = (0, 0)  # the decoded original's (width, height)
-    tensor: torch.Tensor | None = None  # preprocessed whole image (no detector)
+    size: tuple[int, int] = (0, 0)  # the original's (width, height), EXIF-oriented
+    tensor: np.ndarray | None = None  # the model's input for the whole image (no detector)
     image: Image.Image | None = None  # decoded pixels for the detector, until embed()
     records: list[PointRecord] = field(default_factory=list)  # set by embed()
 
@@ -96,10 +79,17 @@ class Prepared:
         return self.tensor is None and self.image is None and not self.records
 
 
+@functools.cache
+def _probe_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (96, 64), (90, 140, 200)).save(out, format="JPEG")
+    return out.getvalue()
+
+
 class IngestPipeline:
     def __init__(
         self,
-        embedder: Embedder,
+        embedder: EmbeddingModel,
         store: VectorStore,
         fetcher: ImageFetcher,
         *,
@@ -118,6 +108,11 @@ class IngestPipeline:
         self.embed_batch_size = embed_batch_size
         self.fetch_retries = fetch_retries
         self.skip_unchanged = skip_unchanged
+        # JPEGs decode at the smallest DCT scale that covers what comes next: the model's
+        # resize, or the detector's working size (shared/images.py).
+        self.decode_need = embedder.decode_need
+        if self.cropper.detects:
+            self.decode_need = self.decode_need | DETECT_DECODE_NEED
         self._pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
 
     def close(self) -> None:
@@ -133,18 +128,13 @@ class IngestPipeline:
     def _fetch(self, event: ImageUploaded) -> bytes:
         if event.image_bytes is not None:
             return event.image_bytes
-        assert event.uri is not None
-        attempt = 0
-        while True:
-            try:
-                return self.fetcher.fetch(event.uri)
-            except ImgSearchError as exc:
-                if not exc.retriable or attempt >= self.fetch_retries:
-                    raise
-                delay = min(8.0, 0.25 * 2**attempt) * (0.5 + random.random())
-                log.info("retrying fetch of %s in %.2fs: %s", event.uri, delay, exc)
-                time.sleep(delay)
-                attempt += 1
+        uri = event.uri
+        assert uri is not None
+        return retrying(
+            lambda: self.fetcher.fetch(uri), backoff=FETCH_BACKOFF, attempts=self.fetch_retries,
+            on_failure=lambda exc, attempt, delay: log.info(
+                "retrying fetch of %s in %.2fs (attempt %d): %s", uri, delay, attempt, exc),
+        )
 
     def existing(self, image_id: str) -> StoredImage | None:
         """What the store holds for an image, to skip re-embedding identical uploads.
@@ -161,22 +151,28 @@ class IngestPipeline:
             return None
 
     def prepare(self, event: ImageUploaded, existing: StoredImage | None) -> Prepared:
-        """Stage 1: fetch, hash, decode, preprocess. Raises ImgSearchError for a bad event."""
-        t0 = time.perf_counter()
-        data = self._fetch(event)
-        t1 = time.perf_counter()
-        digest = sha256_hex(data)
-        if existing is not None and self.is_unchanged(event, digest, existing.payload):
-            return Prepared(digest, t1 - t0, 0.0)
-        image = decode_image(data, max_pixels=self.max_pixels)
-        if self.cropper.detects:
-            prepared = Prepared(digest, t1 - t0, 0.0, image.size,
-                                image=shrink_for_detection(image))
-        else:
-            prepared = Prepared(digest, t1 - t0, 0.0, image.size,
-                                tensor=self.embedder.preprocess(image))
-        prepared.decode_s = time.perf_counter() - t1
-        return prepared
+        """Stage 1: fetch, hash, decode, preprocess. Raises ImgSearchError for a bad event
+        (InternalError for an unexpected exception, naming fetch or decode)."""
+        stage = "fetch"
+        try:
+            t0 = time.perf_counter()
+            data = self._fetch(event)
+            t1 = time.perf_counter()
+            stage = "decode"
+            digest = sha256_hex(data)
+            if existing is not None and self.is_unchanged(event, digest, existing.payload):
+                return Prepared(digest, t1 - t0, 0.0)
+            decoded = decode(data, max_pixels=self.max_pixels, need=self.decode_need)
+            if self.cropper.detects:
+                prepared = Prepared(digest, t1 - t0, 0.0, decoded.size,
+                                    image=shrink_for_detection(decoded.image))
+            else:
+                prepared = Prepared(digest, t1 - t0, 0.0, decoded.size,
+                                    tensor=self.embedder.preprocess(decoded.image))
+            prepared.decode_s = time.perf_counter() - t1
+            return prepared
+        except Exception as exc:  # one event's problem, whatever it is
+            raise InternalError.wrap(exc, stage) from exc
 
     def embed(self, batch: Sequence[tuple[ImageUploaded, Prepared]]) -> dict[str, float]:
         """Stage 2: detect (with a detector) and embed, in chunks of embed_batch_size
@@ -213,8 +209,16 @@ class IngestPipeline:
                 prep.image = None  # the pixels are not needed any more
         return busy
 
+    def probe(self) -> None:
+        """Decode and embed a small generated photo; raises if the stages themselves are
+        broken (the model, the detector), which tells a bad batch from a broken pipeline."""
+        event = ImageUploaded("probe", "imgsearch", "probe", None, _probe_jpeg())
+        prepared = self.prepare(event, None)
+        self.embed([(event, prepared)])
+
     def write(self, records: Sequence[PointRecord], deletes: Sequence[str]) -> None:
-        """Stage 3: durable upserts and deletes. StoreError propagates: nothing is done."""
+        """Stage 3: durable upserts and deletes. StoreError propagates: nothing is done
+        (a failed batch is retried whole, or split to find the record the store refuses)."""
         self.store.upsert(records)
         self.store.delete(deletes)
 
@@ -249,63 +253,3 @@ class IngestPipeline:
         else:
             payload[PARENT_FIELD] = event.image_id
         return PointRecord(event.image_id, vector, payload, crop_index=index)
-
-    # -- a batch -----------------------------------------------------------------------------
-
-    def process(self, items: Sequence[WorkItem]) -> BatchReport:
-        """Run one batch through every stage, synchronously (batch tools, tests)."""
-        start = time.perf_counter()
-        report = BatchReport(results=[])
-        uploads = [it for it in items if isinstance(it.event, ImageUploaded)]
-
-        existing: dict[str, StoredImage] = {}
-        if self.skip_unchanged and uploads:
-            existing = self.store.get(sorted({it.event.image_id for it in uploads}))
-
-        futures = {
-            id(it): self._pool.submit(
-                self.prepare, it.event, existing.get(it.event.image_id)  # type: ignore[arg-type]
-            )
-            for it in uploads
-        }
-        prepared: dict[int, Prepared] = {}
-        results: dict[int, ItemResult] = {}
-        for it in uploads:
-            try:
-                prep = futures[id(it)].result()
-            except ImgSearchError as exc:
-                results[id(it)] = ItemResult(it, "failed", exc)
-                continue
-            prepared[id(it)] = prep
-            report.stage_seconds["fetch"] += prep.fetch_s
-            report.stage_seconds["decode"] += prep.decode_s
-
-        # Events for one image_id apply in order: the last successful one decides.
-        final: dict[str, WorkItem] = {}
-        for it in items:
-            if isinstance(it.event, ImageDeleted) or id(it) in prepared:
-                final[it.event.image_id] = it
-
-        to_embed = [
-            it for it in final.values() if id(it) in prepared and not prepared[id(it)].unchanged
-        ]
-        busy = self.embed([(it.event, prepared[id(it)]) for it in to_embed])  # type: ignore[misc]
-        report.stage_seconds.update(busy)
-        records = [r for it in to_embed for r in prepared[id(it)].records]
-
-        t0 = time.perf_counter()
-        deletes = [it.event.image_id for it in final.values() if isinstance(it.event, ImageDeleted)]
-        self.write(records, deletes)
-        report.stage_seconds["upsert"] = time.perf_counter() - t0
-
-        for it in items:
-            if id(it) in results:
-                report.results.append(results[id(it)])
-            elif isinstance(it.event, ImageDeleted):
-                report.results.append(ItemResult(it, "deleted"))
-            elif prepared[id(it)].unchanged:
-                report.results.append(ItemResult(it, "unchanged"))
-            else:
-                report.results.append(ItemResult(it, "stored"))
-        report.wall_seconds = time.perf_counter() - start
-        return report

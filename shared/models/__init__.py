@@ -1,0 +1,1 @@
+"""Inference engines behind one embedding-model interface (see base.py)."""
