@@ -13,13 +13,8 @@ import signal
 import sys
 import threading
 import time
-
-from ingest_worker.probes import ProbeServer
-from ingest_worker.service import WorkerGroup
-from shared.components import Components
-from shared.config import load_settings
-from shared.errors import ImgSearchError
-from shared.logs import setup_logging
+from collections.abc import Callable
+from types import FrameType
 
 log = logging.getLogger("ingest_worker")
 
@@ -38,6 +33,28 @@ def _exit_soon(code: int, after_s: float) -> None:
 
 
 def main() -> int:
+    # Signals first: an orchestrator may stop a worker while it is still importing torch or
+    # loading the model (a scale-down right after a scale-up), and that is a clean stop
+    # (status 0), not death by SIGTERM. The heavy imports therefore come after this.
+    stop = threading.Event()
+    stopping: list[Callable[[], None]] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: finishing the current batch, then stopping", signal.Signals(signum).name)
+        stop.set()
+        for callback in stopping:
+            callback()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    from ingest_worker.probes import ProbeServer
+    from ingest_worker.service import WorkerGroup
+    from shared.components import Components
+    from shared.config import load_settings
+    from shared.errors import ImgSearchError
+    from shared.logs import setup_logging
+
     try:
         settings = load_settings()
     except ImgSearchError as exc:
@@ -49,7 +66,12 @@ def main() -> int:
     except ImgSearchError as exc:
         log.error("cannot start: %s", exc)
         return 2
+    if stop.is_set():
+        components.close()
+        log.info("stopped before starting")
+        return 0
     group = WorkerGroup(components)
+    stopping.append(group.stop)
     probes = None
     if settings.worker_metrics_port:
         probes = ProbeServer(settings.worker_metrics_host, settings.worker_metrics_port,
@@ -57,13 +79,9 @@ def main() -> int:
         log.info("metrics and probes on http://%s:%d/ (/metrics, /healthz, /readyz)",
                  settings.worker_metrics_host, probes.port)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("%s: finishing the current batch, then stopping", signal.Signals(signum).name)
-        group.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     group.start()
+    if stop.is_set():  # a signal between the check above and stopping.append
+        group.stop()
     try:
         while group.alive and not group.errors:
             time.sleep(0.2)

@@ -318,12 +318,13 @@ def test_ports_and_addresses_agree(compose: dict[str, Any]) -> None:
     assert sd_port("query-api") == api_port
     assert f"127.0.0.1:{api_port}/readyz" in healthcheck_text(api)
 
-    # Workers: metrics on WORKER_METRICS_PORT, scraped and health-checked there.
+    # Workers: metrics on WORKER_METRICS_PORT, scraped there; health-checked on the same
+    # port's /readyz, which turns red when a worker thread has failed or stalled.
     for name in ("ingest-worker", "ingest-worker-gpu"):
         worker = s[name]
         port = int(env_of(worker)["WORKER_METRICS_PORT"])
         assert sd_port("ingest-worker") == port
-        assert f"127.0.0.1:{port}/metrics" in healthcheck_text(worker)
+        assert f"127.0.0.1:{port}/readyz" in healthcheck_text(worker)
         assert name == "ingest-worker" or "ingest-worker" in aliases
 
     # Qdrant and Kafka, as the services address them.

@@ -279,6 +279,21 @@ def test_sigterm_under_load_stops_quickly_and_loses_nothing(
         components.close()
 
 
+@pytest.mark.parametrize("after_s", [0.3, 2.0])
+def test_sigterm_while_starting_is_a_clean_stop(make_settings: Any, tmp_path: Path,
+                                                after_s: float) -> None:
+    """A scale-down right after a scale-up stops workers that are still importing torch or
+    loading the model: that is a clean stop (status 0), not death by signal (-15)."""
+    settings = make_settings()
+    log = tmp_path / "worker.log"
+    worker = start_worker(settings, log)
+    time.sleep(after_s)
+    assert worker.poll() is None, log.read_text()[-2000:]
+    worker.send_signal(signal.SIGTERM)
+    code = worker.wait(60)
+    assert code == 0, log.read_text()[-2000:]
+
+
 def test_soak_ten_thousand_events_memory_stays_flat(
         make_settings: Any, all_photos: list[ImageFile], tmp_path: Path) -> None:
     settings = make_settings(batch_size=32)

@@ -187,7 +187,8 @@ def test_up_indexes_serves_and_restarts_without_reindexing(
     t0 = time.monotonic()
     up.wait_ready()
     ready_s = time.monotonic() - t0
-    assert f"search:  {up.url}/" in up.output
+    # /readyz answers as soon as the API thread serves, a moment before `up` prints it.
+    assert up.wait_for_line(rf"^search:  {re.escape(up.url)}/", 10)
     broker = up.broker_pid
     done = up.wait_for_line(r"indexed: (\d+) stored, (\d+) failed",
                             INDEX_TIMEOUT_S)

@@ -195,6 +195,8 @@ class ModelRun:
     # dimensions keeps, per reduction variant: the top N principal axes for "pca:N", and
     # N / dim, its expectation, for a random orthogonal "random:N".
     energy_kept: dict[str, float] = field(default_factory=dict)
+    # What ran the model (EMBED_ENGINE=auto resolves per machine): engine, version, threads.
+    engine: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -595,6 +597,7 @@ def run_model(dataset: Dataset, model: ModelChoice, variants: Sequence[Variant],
     say(f"{dataset.name}: loading {model.name}"
         + (" with RANDOM weights (speed only)" if model.random_weights else ""))
     embedder = load_model(model, base)
+    engine = embedder.describe()
     memo = MemoEmbedder(embedder)
     ordered = [Variant()] + [v for v in dict.fromkeys(variants) if not v.is_reference]
     # A PCA has at most as many axes as it has sample vectors: refuse now, not mid-run.
@@ -657,7 +660,7 @@ def run_model(dataset: Dataset, model: ModelChoice, variants: Sequence[Variant],
         label_queries=int((q.label_num_relevant > 0).sum()),
         label_queries_without_relevant=int((q.label_num_relevant <= 0).sum()),
         copy_queries=len(q.copy_sources), timings=timings, variants=results, skipped=skipped,
-        energy_kept=state.get("energy", {}),
+        energy_kept=state.get("energy", {}), engine=engine,
     )
 
 
