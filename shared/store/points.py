@@ -213,7 +213,9 @@ class CollectionStore(VectorStore):
         where = point_filter(q.filters, q.exclude_image_ids)
 
         def points(n: int) -> list[Hit]:
-            return [Hit(str(payload["image_id"]), float(score), dict(payload))
+            # Vectors are unit length, so a score is a cosine: at most 1. float32 rounding
+            # makes a self-match 1.0000001, which clients would show as more than identical.
+            return [Hit(str(payload["image_id"]), min(float(score), 1.0), dict(payload))
                     for score, payload in self._query(q, where, n) if payload]
 
         return group_hits(points, limit=q.limit, offset=q.offset)
