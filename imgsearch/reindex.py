@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,24 @@ data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False, pa
                                help=DATA_DIR_HELP)
 
 
+def _act(found: Any, data_dir: Path | None, path: str, act: Callable[[Any], object],
+         body: dict[str, Any] | None = None) -> None:
+    """Ask the running `imgsearch up` to do it (``POST path``), or do it to the data
+    directory in this process with ``act(Reindex)``; print the status either way."""
+    try:
+        if found is not None:
+            click.echo(describe(UpClient(found).call("POST", path, body)))
+            return
+        local = _local(data_dir)
+        try:
+            act(local)
+            click.echo(describe(local.status().as_dict()))
+        finally:
+            local.specs.close()
+    except ImgSearchError as exc:
+        raise _fail(exc) from exc
+
+
 @reindex.command("status")
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
@@ -300,19 +319,8 @@ def swap_command(allow_missing: bool, eval_dataset: Path | None, min_map: float,
     if eval_dataset is not None:
         status = UpClient(found).call("GET") if found else _local(data_dir).status().as_dict()
         _eval_gate(status, eval_dataset, min_map)
-    try:
-        if found is not None:
-            result = UpClient(found).call("POST", "/swap", {"allow_missing": allow_missing})
-            click.echo(describe(result))
-            return
-        local = _local(data_dir)
-        try:
-            local.swap(allow_missing=allow_missing)
-            click.echo(describe(local.status().as_dict()))
-        finally:
-            local.specs.close()
-    except ImgSearchError as exc:
-        raise _fail(exc) from exc
+    _act(found, data_dir, "/swap", lambda local: local.swap(allow_missing=allow_missing),
+         {"allow_missing": allow_missing})
 
 
 def _eval_gate(status: dict[str, Any], dataset: Path, min_map: float) -> None:
@@ -350,16 +358,7 @@ def _eval_gate(status: dict[str, Any], dataset: Path, min_map: float) -> None:
 @data_dir_option
 def rollback_command(data_dir: Path | None) -> None:
     """Make the old collection serve again (the workers kept it current)."""
-    found = _running_up(data_dir)
-    try:
-        if found is not None:
-            click.echo(describe(UpClient(found).call("POST", "/rollback")))
-            return
-        local = _local(data_dir)
-        local.rollback()
-        click.echo(describe(local.status().as_dict()))
-    except ImgSearchError as exc:
-        raise _fail(exc) from exc
+    _act(_running_up(data_dir), data_dir, "/rollback", lambda local: local.rollback())
 
 
 @reindex.command("finish")
@@ -376,14 +375,9 @@ def finish_command(yes: bool, data_dir: Path | None) -> None:
             dropped = m.get("source") if status.get("serving") == m.get("target") else \
                 m.get("target")
             click.confirm(f"drop collection {dropped}?", abort=True)
-        if found is not None:
-            click.echo(describe(UpClient(found).call("POST", "/finish")))
-            return
-        local = _local(data_dir)
-        local.finish()
-        click.echo(describe(local.status().as_dict()))
     except ImgSearchError as exc:
         raise _fail(exc) from exc
+    _act(found, data_dir, "/finish", lambda local: local.finish())
 
 
 @reindex.command("stop")

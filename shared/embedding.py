@@ -13,7 +13,6 @@ exported engines checked against torch before first use (shared/models/export.py
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -41,20 +40,12 @@ from shared.models.export import (
 )
 from shared.models.torch_engine import TorchEngine, resolve_amp, resolve_device
 from shared.preprocess import ModelInput
-from shared.weights import describe_misfit, pretrained_source
+from shared.weights import describe_misfit, file_sha256, pretrained_source
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Embedder", "ModelInfo", "create_backbone", "merge_views", "resolve_amp",
            "resolve_device"]
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def create_backbone(name: str, weights: Path | None, pretrained: bool) -> tuple[torch.nn.Module, str]:
@@ -81,7 +72,7 @@ def create_backbone(name: str, weights: Path | None, pretrained: bool) -> tuple[
             raise ModelError(
                 f"MODEL_WEIGHTS={weights} cannot be loaded into {name}: {why}"
             ) from exc
-        return model, f"file:{_file_digest(weights)}"
+        return model, f"file:{file_sha256(weights)[:16]}"
     if not pretrained:
         log.warning("MODEL_PRETRAINED=false: %s has RANDOM weights; results are meaningless", name)
         return timm.create_model(name, pretrained=False, num_classes=0), "random"

@@ -14,6 +14,7 @@ Two start-up failures used to cost a new user dearly:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 import socket
 import threading
@@ -24,6 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import ModelError
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (weights files run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 HUB_PROBE_TIMEOUT_S = 3.0
 # How long the search for the model a weights file fits may take (meta-device builds of

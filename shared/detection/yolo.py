@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
 import json
 import logging
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 
 from shared.errors import ConfigError, ModelError
+from shared.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,8 @@ def is_torchscript(path: Path) -> bool:
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    """The short digest a detector's signature records for its weights file."""
+    return file_sha256(path)[:16]
 
 
 def resolve_weights(spec: str) -> Path:

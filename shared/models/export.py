@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from shared.errors import ModelError
+from shared.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,6 @@ class ExportKey:
         return f"{self.kind}-{slug}-{self.digest}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ExportCache:
     """Verified exports on disk. ``root`` None: a private temporary folder, removed by
     ``close`` (models with random weights, which no later process can reuse)."""
@@ -131,7 +124,7 @@ class ExportCache:
             log.warning("engine cache entry %s was written for another key; rebuilding", folder)
             return None
         try:
-            if _sha256(model) != manifest.get("sha256"):
+            if file_sha256(model) != manifest.get("sha256"):
                 log.warning("engine cache file %s is damaged (sha256 differs from its "
                             "manifest); rebuilding it", model)
                 return None
@@ -186,7 +179,7 @@ class ExportCache:
         try:
             model = staging / MODEL_FILE
             export(model)
-            manifest = {"key": key.fields(), "sha256": _sha256(model),
+            manifest = {"key": key.fields(), "sha256": file_sha256(model),
                         "bytes": model.stat().st_size,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
