@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 from imgsearch.files import ImageFile, find_images
 from shared.events import delete_event, upload_event
 from shared.kafka import EventPublisher
+from shared.metadata import InvalidValue, check_image_id
 
 
 @dataclass
@@ -81,9 +83,29 @@ def check_unique_ids(files: Sequence[ImageFile]) -> None:
         seen[f.image_id] = f.path
 
 
+SHOW_UNNAMABLE = 10
+
+
 def collect(paths: Sequence[Path], id_prefix: str = "") -> list[ImageFile]:
-    files = [
-        ImageFile(f.path, f"{id_prefix}{f.image_id}", f.label) for f in find_images(paths)
-    ]
+    """The image files under ``paths`` (index, publish and up all start here). A file whose
+    path cannot be an image id (a control character in its name, or nested so deep that the
+    id passes 512 characters) is left out and named on stderr, so that one odd name neither
+    stops a run nor fails later in the middle of one."""
+    files: list[ImageFile] = []
+    unnamable: list[tuple[ImageFile, InvalidValue]] = []
+    for found in find_images(paths):
+        f = ImageFile(found.path, f"{id_prefix}{found.image_id}", found.label)
+        try:
+            check_image_id(f.image_id)
+        except InvalidValue as exc:
+            unnamable.append((f, exc))
+            continue
+        files.append(f)
+    for f, exc in unnamable[:SHOW_UNNAMABLE]:
+        print(f"skipped {str(f.path)!r}: its path cannot be an image id ({exc}); rename it, "
+              "or name a folder nearer to it", file=sys.stderr)
+    if len(unnamable) > SHOW_UNNAMABLE:
+        print(f"skipped {len(unnamable) - SHOW_UNNAMABLE} more files whose paths cannot be "
+              "image ids", file=sys.stderr)
     check_unique_ids(files)
     return files
